@@ -1,0 +1,336 @@
+"""The ``imgsearch`` command: a thin layer over the library API.
+
+Commands parse options, call :mod:`imgsearch.index`, and format what comes
+back.  Results go to stdout; progress, warnings and errors go to stderr.
+Heavy modules are imported inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Group(click.Group):
+    """Turns every failure into one line on stderr and an exit code."""
+
+    def invoke(self, ctx):
+        from .errors import ImgsearchError
+
+        try:
+            return super().invoke(ctx)
+        except ImgsearchError as exc:
+            raise _Failure(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _Failure("interrupted", 130) from None
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _warn_if_random(index) -> None:
+    if index.random_weights:
+        _warn(
+            f"index {index.store.directory} was built with random weights (--weights none); "
+            "its results are meaningless"
+        )
+
+
+def _rows_of_hits(hits):
+    return [
+        {"rank": rank, "path": hit.entry.path, "score": round(hit.score, 6), "label": hit.entry.label}
+        for rank, hit in enumerate(hits, start=1)
+    ]
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _csv_writer():
+    return csv.writer(sys.stdout, lineterminator="\n")
+
+
+index_option = click.option(
+    "--index", "index_dir", envvar="IMGSEARCH_INDEX", required=True, metavar="DIR",
+    type=click.Path(file_okay=False), help="Index folder (env IMGSEARCH_INDEX).",
+)
+weights_option = click.option(
+    "--weights", metavar="WEIGHTS", default=None,
+    help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
+)
+format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+                             help="Output format; json is JSON Lines.")
+images_argument = click.argument("images", nargs=-1, required=True,
+                                 type=click.Path(exists=True, dir_okay=False))
+
+
+def _open(ctx, index_dir, encoder=None, weights=None):
+    from .index import Index
+
+    return Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], encoder=encoder, weights=weights)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="imgsearch")
+@click.option("--plugins-dir", type=click.Path(file_okay=False), envvar="IMGSEARCH_PLUGINS_DIR",
+              help="Folder of extra encoder plugin files (env IMGSEARCH_PLUGINS_DIR).")
+@click.pass_context
+def main(ctx, plugins_dir):
+    """Image similarity search: index a photo collection, then find similar
+    images and classify new ones by their labelled neighbours.
+
+    \b
+    Quick start:
+      imgsearch index photos/ --index my-index
+      imgsearch query query.jpg --index my-index -k 5
+      imgsearch classify new.jpg --index my-index
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["plugins_dir"] = plugins_dir
+    # TensorFlow's C++ start-up chatter (CPU features, oneDNN notices) would
+    # bury the one line a user needs; a user's own setting still wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def encoders(ctx, fmt):
+    """List the registered encoders and whether their weights are here.
+
+    \b
+    Example:
+      imgsearch encoders --format json
+    """
+    from .encoders import load_registry
+
+    registry = load_registry(ctx.obj["plugins_dir"])
+    rows = []
+    for name in registry.names():
+        encoder = registry.create(name)
+        status = encoder.weights_status()
+        rows.append({
+            "name": name, "dim": encoder.dim, "description": encoder.description,
+            "weights": encoder.weights, "weights_available": status.available,
+            "weights_detail": status.detail, "source": registry.source(name),
+        })
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(_table(
+        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", r["description"]] for r in rows],
+        ["name", "dim", "weights here", "description"],
+    ))
+    for row in rows:
+        if not row["weights_available"]:
+            click.echo(f"{row['name']}: {row['weights_detail']}", err=True)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@index_option
+@click.option("--encoder", envvar="IMGSEARCH_ENCODER", default=None, metavar="NAME",
+              help="Encoder for a new index (default resnet50; env IMGSEARCH_ENCODER). "
+                   "An existing index keeps its own.")
+@weights_option
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV of path,label rows; overrides folder-name labels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
+@click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Commit to disk after this many new images.")
+@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=100.0,
+              show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@click.pass_context
+def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commit_every, max_megapixels):
+    """Add the images in PATHS (files and folders, recursively) to an index.
+
+    Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
+    folder's name.  Running it again adds only new or changed files.
+
+    \b
+    Examples:
+      imgsearch index photos/ --index my-index
+      imgsearch index train/ --index pets --encoder efficientnet-lite0
+    """
+    from .index import Index, read_labels_csv
+
+    labels = read_labels_csv(labels_csv) if labels_csv else None
+    with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"]) as idx:
+        _warn_if_random(idx)
+        click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d)", err=True)
+        bar = None
+
+        def progress(done, total):
+            nonlocal bar
+            if bar is None:
+                bar = click.progressbar(length=total, label="indexing", file=sys.stderr)
+                bar.__enter__()
+            bar.update(done - bar.pos)
+
+        try:
+            report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
+                             max_megapixels=max_megapixels, progress=progress)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+        click.echo(
+            f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+            f"duplicates {len(report.duplicates)}, skipped {len(report.skipped)} "
+            f"in {report.seconds:.1f} s; {index_dir} holds {idx.store.count} images"
+        )
+        for path, original in report.duplicates:
+            click.echo(f"duplicate: {path} (same content as {original})")
+        for skip in report.skipped:
+            click.echo(f"skipped: {skip.path}: {skip.reason}")
+
+
+@main.command()
+@images_argument
+@index_option
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per image.")
+@click.option("--include-self", is_flag=True, help="Allow an indexed image to be its own neighbour.")
+@weights_option
+@format_option
+@click.pass_context
+def query(ctx, images, index_dir, k, include_self, weights, fmt):
+    """Find the indexed images most similar to each of IMAGES.
+
+    \b
+    Examples:
+      imgsearch query photo.jpg --index my-index -k 5
+      imgsearch query a.jpg b.jpg --index my-index --format json
+    """
+    with _open(ctx, index_dir, weights=weights) as idx:
+        _warn_if_random(idx)
+        if k > idx.store.count:
+            _warn(f"k={k} but the index holds {idx.store.count} images")
+        results = idx.query(list(images), k=k, include_self=include_self)
+    if fmt == "json":
+        for result in results:
+            click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
+    elif fmt == "csv":
+        out = _csv_writer()
+        out.writerow(["query", "rank", "path", "score", "label"])
+        for result in results:
+            for row in _rows_of_hits(result.hits):
+                out.writerow([result.query, row["rank"], row["path"], f"{row['score']:.6f}", row["label"] or ""])
+    else:
+        for number, result in enumerate(results):
+            if number:
+                click.echo()
+            click.echo(f"query: {result.query}")
+            click.echo(_table(
+                [[r["rank"], f"{r['score']:.4f}", r["label"] or "", r["path"]] for r in _rows_of_hits(result.hits)],
+                ["rank", "score", "label", "path"],
+            ))
+
+
+@main.command()
+@images_argument
+@index_option
+@click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
+@click.option("--vote", type=click.Choice(["weighted", "majority"]), default="weighted", show_default=True,
+              help="weighted: each neighbour counts exp(similarity / T); majority: one each.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
+              help="T of the weighted vote.")
+@click.option("--include-self", is_flag=True, help="Let an indexed image vote for itself.")
+@weights_option
+@format_option
+@click.pass_context
+def classify(ctx, images, index_dir, k, vote, temperature, include_self, weights, fmt):
+    """Label each of IMAGES by a vote of its k nearest labelled neighbours.
+
+    \b
+    Examples:
+      imgsearch classify new.jpg --index my-index
+      imgsearch classify *.jpg --index my-index -k 10 --vote majority --format csv
+    """
+    with _open(ctx, index_dir, weights=weights) as idx:
+        _warn_if_random(idx)
+        results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
+                               include_self=include_self)
+    if fmt == "json":
+        for r in results:
+            click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
+                                   "neighbors": _rows_of_hits(r.neighbours)}))
+    elif fmt == "csv":
+        out = _csv_writer()
+        out.writerow(["path", "label", "confidence", "nearest_path", "nearest_score", "nearest_label"])
+        for r in results:
+            top = r.neighbours[0] if r.neighbours else None
+            out.writerow([r.path, r.label or "", f"{r.confidence:.6f}",
+                          top.entry.path if top else "", f"{top.score:.6f}" if top else "",
+                          (top.entry.label or "") if top else ""])
+    else:
+        rows = []
+        for r in results:
+            nearest = ", ".join(f"{h.entry.label or '?'} {h.score:.2f}" for h in r.neighbours[:3])
+            rows.append([r.path, r.label or "(none)", f"{r.confidence:.3f}", nearest])
+        click.echo(_table(rows, ["image", "label", "confidence", "nearest neighbours"]))
+
+
+@main.command()
+@index_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def info(ctx, index_dir, fmt):
+    """Show how an index was built, its size and its labels.
+
+    \b
+    Example:
+      imgsearch info --index my-index --format json
+    """
+    with _open(ctx, index_dir) as idx:
+        _warn_if_random(idx)
+        facts = idx.info()
+    if fmt == "json":
+        click.echo(json.dumps(facts))
+        return
+    for key in ("path", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint",
+                "format_version", "created", "updated"):
+        click.echo(f"{key + ':':<21}{facts[key]}")
+    labels = facts["labels"]
+    click.echo(f"{'labels:':<21}{len(labels)}")
+    for label, count in labels.items():
+        click.echo(f"  {label:<19}{count}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,50 @@
+"""The library's own exceptions.
+
+Every error a user can cause or meet carries a message written for that user.
+The CLI prints the message on one line and exits with ``exit_code``; library
+callers can catch :class:`ImgsearchError` alone.
+"""
+
+
+class ImgsearchError(Exception):
+    """Base class: a failure with a message fit to show a user."""
+
+    exit_code = 1
+
+
+class UsageError(ImgsearchError):
+    """The request itself is wrong (bad option value, wrong kind of index)."""
+
+    exit_code = 2
+
+
+class UnknownEncoderError(UsageError):
+    def __init__(self, name, known):
+        names = ", ".join(sorted(known)) or "(none registered)"
+        super().__init__(f"unknown encoder {name!r}; registered encoders: {names}")
+        self.name = name
+        self.known = sorted(known)
+
+
+class PluginError(ImgsearchError):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class WeightsError(ImgsearchError):
+    """An encoder's weights are missing, unreadable or do not fit the model."""
+
+
+class BadIndexError(ImgsearchError):
+    """The index directory is missing, damaged or not an index."""
+
+
+class IndexMismatchError(UsageError):
+    """The index was built with another encoder or other weights."""
+
+
+class IndexLockedError(ImgsearchError):
+    """Another process is writing to the index."""
+
+
+class NoImagesError(UsageError):
+    """The given paths held no image files."""

@@ -1,0 +1,149 @@
+"""Finding image files, decoding them to RGB, and the reasons for skipping one."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_MAX_MEGAPIXELS = 100.0
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A file to index and the label its location implies (may be None)."""
+
+    path: Path
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+class DecodeError(Exception):
+    """A file that cannot become an image; the message is the skip reason."""
+
+
+def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
+    """Every image file named in or below ``paths``, in a stable order.
+
+    A file given by name is taken whatever its suffix (the decoder decides);
+    inside folders only known image suffixes are taken.  An image that sits in
+    a sub-folder of a given folder is labelled with its parent folder's name
+    (``root/<label>/photo.jpg``).
+    """
+    found: list[ImageFile] = []
+    skipped: list[Skipped] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, label):
+        key = path.absolute()
+        if key not in seen:
+            seen.add(key)
+            found.append(ImageFile(key, label))
+
+    for given in paths:
+        root = Path(given)
+        if root.is_file():
+            add(root, None)
+        elif root.is_dir():
+            for folder, dirs, files in os.walk(root, onerror=None):
+                dirs.sort()
+                folder_path = Path(folder)
+                label = folder_path.name if folder_path != root else None
+                for name in sorted(files):
+                    path = folder_path / name
+                    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                        add(path, label)
+        else:
+            skipped.append(Skipped(root.absolute(), "no such file or folder"))
+    return found, skipped
+
+
+def _to_rgb(image):
+    """Any Pillow mode to RGB, as the picture would look on screen."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's own conversion clips 16-bit values at 255 instead of scaling.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(float(array.max() - array.min()), 1e-12)
+        image = Image.fromarray(((array - array.min()) * (255.0 / span)).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent areas are shown as white, not as whatever colour hides there.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS):
+    """Image file bytes to an upright RGB PIL image, or :class:`DecodeError`.
+
+    ``draft_size``: JPEGs are decoded at a reduced scale (Pillow's draft mode)
+    as long as both sides stay at least this large, which makes large photos
+    several times faster to decode with no loss at the encoder's input size.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise DecodeError("empty file")
+    limit = int(max_megapixels * 1e6)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        # Pillow's own guard is global; ours is checked below from the header
+        # alone, so Pillow's must never be the stricter one.
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limit:
+                raise DecodeError(
+                    f"image too large ({width}x{height}, {width * height / 1e6:.0f} megapixels; "
+                    f"limit {max_megapixels:g}, see --max-megapixels)"
+                )
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", draft_size)
+            image.seek(0)  # the first frame of animations and multi-page files
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image, or a format Pillow cannot read") from None
+    except Image.DecompressionBombError:
+        raise DecodeError("image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DecodeError(f"corrupt or truncated image data ({message})") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's content, or :class:`DecodeError` with a reason."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except IsADirectoryError:
+        raise DecodeError("is a folder") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot read file ({exc.strerror or exc})") from None

@@ -1,0 +1,45 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "sample_data"
+PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"
+
+_ENV_VARS = ("IMGSEARCH_INDEX", "IMGSEARCH_PLUGINS_DIR", "IMGSEARCH_ENCODER", "IMGSEARCH_RESNET50_WEIGHTS")
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    # Shared by all tests so converted weights are made once per run, but
+    # never the user's own cache.
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch, tmp_path, _session_cache):
+    """Keep tests away from the user's caches, indexes and settings."""
+    for name in _ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(_session_cache))
+    keras_home = tmp_path / "keras-home"
+    keras_home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture
+def labelled_copy(tmp_path):
+    """A writable copy of sample_data/labelled."""
+    target = tmp_path / "labelled"
+    shutil.copytree(SAMPLE_DATA / "labelled", target)
+    return target
+
+
+@pytest.fixture
+def registry():
+    from imgsearch.encoders import load_registry
+
+    return load_registry(PLUGINS_DIR)

@@ -1,0 +1,214 @@
+"""The command line, through click's runner and as a real subprocess.
+
+These tests use the tiny-color encoder from tests/plugins (loaded with
+--plugins-dir, the way a one-off plugin is) so that every command and error
+path can be exercised quickly; the real encoders are tested on their own and
+end to end in test_end_to_end.py.
+"""
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from imgsearch.cli import main
+
+from conftest import PLUGINS_DIR, SAMPLE_DATA
+
+CLASSES = {"church", "english_springer", "garbage_truck", "parachute", "tench"}
+QUERY = str(SAMPLE_DATA / "queries" / "church.jpg")
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    if code:
+        assert "Traceback" not in result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(lines) == 1, result.stderr
+    return result
+
+
+@pytest.fixture
+def index_dir(tmp_path):
+    target = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color")
+    return target
+
+
+def test_index_summary_and_rerun_adds_nothing(tmp_path):
+    target = tmp_path / "ix"
+    first = run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color", "--batch-size", "7")
+    assert re.fullmatch(
+        rf"added 50, updated 0, unchanged 0, duplicates 0, skipped 0 in [0-9.]+ s; {re.escape(str(target))} holds 50 images\n",
+        first.stdout,
+    )
+    assert "encoder: tiny-color (48-d)" in first.stderr
+    again = run("index", SAMPLE_DATA / "labelled", "--index", target)
+    assert again.stdout.startswith("added 0, updated 0, unchanged 50, duplicates 0, skipped 0 ")
+
+
+def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
+    target = tmp_path / "ix"
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    church = sorted((labelled_copy / "church").iterdir())
+    info_before = json.loads(run("info", "--index", target, "--format", "json").stdout)
+    with Image.open(church[0]) as image:                               # changed content
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(church[0], "JPEG")
+    shutil.copy(church[2], labelled_copy / "church" / "copy.jpg")      # duplicate content
+    (labelled_copy / "church" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run("index", labelled_copy, "--index", target)
+    assert result.stdout.splitlines()[0].startswith("added 0, updated 1, unchanged 49, duplicates 1, skipped 1 ")
+    assert f"duplicate: {labelled_copy / 'church' / 'copy.jpg'} (same content as {church[2]})" in result.stdout
+    assert f"skipped: {labelled_copy / 'church' / 'broken.jpg'}: not an image" in result.stdout
+    info_after = json.loads(run("info", "--index", target, "--format", "json").stdout)
+    assert info_after["count"] == info_before["count"] == 50
+
+
+def test_query_formats_and_self_exclusion(index_dir):
+    table = run("query", QUERY, "--index", index_dir, "-k", "3").stdout.splitlines()
+    assert table[0] == f"query: {QUERY}"
+    assert table[1].split() == ["rank", "score", "label", "path"]
+    assert [line.split()[0] for line in table[2:]] == ["1", "2", "3"]
+
+    lines = run("query", QUERY, QUERY, "--index", index_dir, "-k", "4", "--format", "json").stdout.splitlines()
+    assert len(lines) == 2
+    record = json.loads(lines[0])
+    assert record["query"] == QUERY
+    assert [r["rank"] for r in record["results"]] == [1, 2, 3, 4]
+    scores = [r["score"] for r in record["results"]]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 + 1e-6 for s in scores)
+    assert {r["label"] for r in record["results"]} <= CLASSES
+    assert all(os.path.isfile(r["path"]) for r in record["results"])
+
+    rows = list(csv.DictReader(io.StringIO(run("query", QUERY, "--index", index_dir, "-k", "2", "--format", "csv").stdout)))
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    assert [r["path"] for r in rows] == [r["path"] for r in record["results"][:2]]
+
+    indexed = sorted((SAMPLE_DATA / "labelled" / "tench").iterdir())[0]
+    own = json.loads(run("query", indexed, "--index", index_dir, "-k", "3", "--format", "json").stdout)
+    assert str(indexed) not in [r["path"] for r in own["results"]] and len(own["results"]) == 3
+    with_self = json.loads(run("query", indexed, "--index", index_dir, "-k", "3", "--include-self", "--format", "json").stdout)
+    assert with_self["results"][0]["path"] == str(indexed)
+    assert with_self["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [r["path"] for r in with_self["results"][1:]] == [r["path"] for r in own["results"][:2]]
+
+
+def test_k_larger_than_the_index_warns_and_returns_all(index_dir):
+    result = run("query", QUERY, "--index", index_dir, "-k", "80", "--format", "json")
+    assert "warning: k=80 but the index holds 50 images" in result.stderr
+    assert len(json.loads(result.stdout)["results"]) == 50
+
+
+def test_classify_formats(index_dir):
+    queries = sorted(str(p) for p in (SAMPLE_DATA / "queries").iterdir())
+    records = [json.loads(line) for line in run("classify", *queries, "--index", index_dir, "-k", "5", "--format", "json").stdout.splitlines()]
+    assert [r["path"] for r in records] == queries
+    for record in records:
+        assert record["label"] in CLASSES
+        assert 0.2 <= record["confidence"] <= 1.0
+        assert len(record["neighbors"]) == 5
+        assert set(record["neighbors"][0]) == {"rank", "path", "score", "label"}
+    majority = [json.loads(line) for line in run("classify", *queries, "--index", index_dir, "-k", "5", "--vote", "majority", "--format", "json").stdout.splitlines()]
+    for record in majority:
+        votes = sum(n["label"] == record["label"] for n in record["neighbors"])
+        assert record["confidence"] == pytest.approx(votes / 5)
+    rows = list(csv.DictReader(io.StringIO(run("classify", queries[0], "--index", index_dir, "--format", "csv").stdout)))
+    assert rows[0]["label"] == records[0]["label"]
+    table = run("classify", queries[0], "--index", index_dir, "-k", "5").stdout.splitlines()
+    assert table[0].split()[:3] == ["image", "label", "confidence"]
+    assert table[1].startswith(queries[0])
+
+
+def test_info_and_encoders(index_dir):
+    facts = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
+    assert facts["count"] == 50 and facts["encoder"] == "tiny-color" and facts["dim"] == 48
+    assert facts["labels"] == {name: 10 for name in CLASSES}
+    table = run("info", "--index", index_dir).stdout
+    assert "count:               50" in table and "tench              10" in table
+    listed = [json.loads(line) for line in run("encoders", "--format", "json").stdout.splitlines()]
+    assert [e["name"] for e in listed] == ["efficientnet-lite0", "resnet50", "tiny-color"]
+    assert {e["name"]: e["dim"] for e in listed} == {"efficientnet-lite0": 1280, "resnet50": 2048, "tiny-color": 48}
+    assert {e["name"]: e["weights_available"] for e in listed}["efficientnet-lite0"] is True
+    assert run("encoders").stdout.splitlines()[0].split()[:2] == ["name", "dim"]
+
+
+def test_labels_csv_overrides_folder_names(tmp_path):
+    photos = sorted((SAMPLE_DATA / "labelled" / "tench").iterdir())[:3]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},fish\n" for p in photos[:2]))
+    target = tmp_path / "ix"
+    run("index", *photos, "--index", target, "--encoder", "tiny-color", "--labels", labels)
+    assert json.loads(run("info", "--index", target, "--format", "json").stdout)["labels"] == {"fish": 2}
+
+
+def test_errors_are_one_line_with_the_right_exit_code(tmp_path, index_dir):
+    before = sorted(p.name for p in index_dir.iterdir())
+    assert "no index at" in run("query", QUERY, "--index", tmp_path / "nothing", code=1).stderr
+    (tmp_path / "photos").mkdir()
+    shutil.copy(QUERY, tmp_path / "photos" / "a.jpg")
+    assert "not an imgsearch index" in run("query", QUERY, "--index", tmp_path / "photos", code=1).stderr
+    assert "not empty" in run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "photos", "--encoder", "tiny-color", code=1).stderr
+    run("query", QUERY, "--index", index_dir, "-k", "0", code=2)
+    run("query", QUERY, "--index", index_dir, "-k", "-3", code=2)
+    run("query", tmp_path / "missing.jpg", "--index", index_dir, code=2)
+    run("classify", QUERY, "--index", index_dir, "--vote", "loudest", code=2)
+    err = run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "new", "--encoder", "nope", code=2).stderr
+    assert "unknown encoder 'nope'; registered encoders: efficientnet-lite0, resnet50, tiny-color" in err
+    assert not (tmp_path / "new").exists()
+    err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--encoder", "resnet50", code=2).stderr
+    assert "was built with encoder 'tiny-color', not 'resnet50'" in err
+    (tmp_path / "empty").mkdir()
+    assert "no image files found" in run("index", tmp_path / "empty", "--index", index_dir, code=2).stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert f"cannot read query image {bad}" in run("query", bad, "--index", index_dir, code=1).stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nonly-a-path\n")
+    assert "row 1: expected 'path,label'" in run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--labels", labels, code=2).stderr
+    assert sorted(p.name for p in index_dir.iterdir()) == before
+    assert json.loads(run("info", "--index", index_dir, "--format", "json").stdout)["count"] == 50
+
+
+def test_classify_needs_labels(tmp_path):
+    target = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "queries", "--index", target, "--encoder", "tiny-color")
+    assert "has no labels" in run("classify", QUERY, "--index", target, code=2).stderr
+
+
+def test_help_everywhere_and_version():
+    for command in ([], ["index"], ["query"], ["classify"], ["info"], ["encoders"]):
+        assert "Usage:" in run(*command, "-h").stdout
+    assert "Example" in run("query", "--help").stdout
+    from imgsearch import __version__
+
+    assert run("--version").stdout.strip() == f"imgsearch, version {__version__}"
+
+
+@pytest.mark.slow
+def test_real_subprocess_end_to_end(tmp_path):
+    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
+    env = dict(os.environ, IMGSEARCH_PLUGINS_DIR=str(PLUGINS_DIR), IMGSEARCH_INDEX=str(tmp_path / "ix"))
+
+    def call(*args, code=0):
+        done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=env)
+        assert done.returncode == code, done.stderr
+        return done
+
+    assert call("index", SAMPLE_DATA / "labelled", "--encoder", "tiny-color").stdout.startswith("added 50,")
+    assert json.loads(call("query", QUERY, "-k", "2", "--format", "json").stdout)["query"] == QUERY
+    assert json.loads(call("classify", QUERY, "--format", "json").stdout)["label"] in CLASSES
+    assert json.loads(call("info", "--format", "json").stdout)["count"] == 50
+    assert "tiny-color" in call("encoders").stdout
+    failed = call("query", QUERY, "--index", tmp_path / "none", code=1)
+    assert failed.stderr.strip().splitlines() == [f"Error: no index at {tmp_path / 'none'} (create one with 'imgsearch index')"]
+    module = subprocess.run([sys.executable, "-m", "imgsearch", "--version"], capture_output=True, text=True)
+    assert module.stdout.strip().startswith("imgsearch, version")

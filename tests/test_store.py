@@ -1,0 +1,142 @@
+"""The store against a brute-force reference, and its commit and error rules."""
+
+import json
+
+import numpy as np
+import pytest
+
+from imgsearch.encoders import l2_normalize
+from imgsearch.errors import BadIndexError, IndexLockedError
+from imgsearch.store import MANIFEST_FILE, Entry, Store
+
+DIM = 64
+
+
+def _entries(n, start=0):
+    return [Entry(None, f"/photos/{i}.jpg", f"sha{i}", 1000 + i, 1.5 * i, f"class{i % 3}", 224, 224)
+            for i in range(start, start + n)]
+
+
+def _store(tmp_path, vectors):
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    store.commit(_entries(len(vectors)), vectors)
+    return store
+
+
+def test_search_equals_brute_force_numpy(tmp_path):
+    rng = np.random.default_rng(7)
+    data = l2_normalize(rng.standard_normal((500, DIM)))
+    queries = l2_normalize(rng.standard_normal((25, DIM)))
+    store = _store(tmp_path, data)
+    results = store.search(queries, 10)
+
+    scores = queries @ data.T
+    expected = np.argsort(-scores, axis=1)[:, :10]
+    for row, hits in enumerate(results):
+        # ids start at 1, rows of `data` at 0
+        assert [hit.entry.id - 1 for hit in hits] == expected[row].tolist()
+        np.testing.assert_allclose([hit.score for hit in hits], scores[row, expected[row]], rtol=1e-5)
+
+
+def test_k_larger_than_index_returns_only_real_neighbours(tmp_path):
+    rng = np.random.default_rng(1)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((4, DIM))))
+    hits = store.search(l2_normalize(rng.standard_normal((2, DIM))), 50)
+    assert [len(h) for h in hits] == [4, 4]
+    assert all(hit.entry.id > 0 for row in hits for hit in row)
+
+
+def test_empty_index_search_returns_nothing(tmp_path):
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    assert store.search(np.ones((1, DIM), np.float32), 5) == [[]]
+
+
+def test_commit_persists_ids_metadata_and_manifest(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = l2_normalize(rng.standard_normal((6, DIM)))
+    store = _store(tmp_path, vectors)
+    store.close()
+
+    reopened = Store.open(tmp_path / "ix")
+    assert reopened.count == 6
+    assert [e.id for e in reopened.entries()] == [1, 2, 3, 4, 5, 6]
+    assert reopened.labels() == {"class0": 2, "class1": 2, "class2": 2}
+    np.testing.assert_allclose(reopened.vectors([3]), vectors[2:3], rtol=1e-6)
+    manifest = json.loads((tmp_path / "ix" / MANIFEST_FILE).read_text())
+    assert manifest["count"] == 6 and manifest["dim"] == DIM and manifest["metric"] == "inner_product"
+    assert sorted(p.name for p in (tmp_path / "ix").glob("vectors-*")) == [manifest["vectors_file"]]
+
+
+def test_replacing_an_entry_keeps_its_id_and_never_renumbers(tmp_path):
+    rng = np.random.default_rng(3)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
+    old = store.entries()[1]
+    new_vector = l2_normalize(rng.standard_normal((1, DIM)))
+    changed = Entry(old.id, old.path, "newsha", 5, 9.0, "relabelled", 10, 10)
+    more = _entries(1, start=10)
+    ids = store.commit([changed, *more], np.concatenate([new_vector, l2_normalize(rng.standard_normal((1, DIM)))]))
+    assert ids == [old.id, 4]
+    assert store.count == 4
+    assert [e.id for e in store.entries()] == [1, 2, 3, 4]
+    assert store.by_path()[old.path].sha256 == "newsha"
+    np.testing.assert_allclose(store.vectors([old.id]), new_vector, rtol=1e-6)
+
+
+def test_failed_commit_leaves_the_previous_state(tmp_path):
+    rng = np.random.default_rng(4)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
+    before = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    clash = Entry(None, store.entries()[0].path, "x", 1, 1.0, None, 1, 1)  # path already taken by id 1
+    with pytest.raises(BadIndexError):
+        store.commit([clash], l2_normalize(rng.standard_normal((1, DIM))))
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
+    store.close()
+    assert Store.open(tmp_path / "ix").count == 3
+
+
+def test_second_writer_is_refused(tmp_path):
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    with pytest.raises(IndexLockedError, match="another process"):
+        Store.open(tmp_path / "ix", writable=True)
+    assert Store.open(tmp_path / "ix").count == 0  # readers still work
+    store.close()
+    Store.open(tmp_path / "ix", writable=True).close()
+
+
+def test_not_an_index(tmp_path):
+    with pytest.raises(BadIndexError, match="no index at"):
+        Store.open(tmp_path / "missing")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(BadIndexError, match="not an imgsearch index"):
+        Store.open(tmp_path / "photos")
+    with pytest.raises(BadIndexError, match="not empty"):
+        Store.create(tmp_path / "photos", encoder={"name": "test"}, dim=DIM)
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["a.jpg"]
+
+
+def test_damaged_vectors_file_is_reported(tmp_path):
+    rng = np.random.default_rng(5)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
+    vectors_file = tmp_path / "ix" / store.manifest["vectors_file"]
+    store.close()
+    vectors_file.write_bytes(b"garbage")
+    with pytest.raises(BadIndexError, match="cannot read"):
+        Store.open(tmp_path / "ix")
+    vectors_file.unlink()
+    with pytest.raises(BadIndexError, match="missing"):
+        Store.open(tmp_path / "ix")
+
+
+def test_damaged_metadata_is_reported(tmp_path):
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    store.close()
+    (tmp_path / "ix" / "metadata.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(BadIndexError, match="damaged"):
+        Store.open(tmp_path / "ix")
+
+
+def test_l2_normalize_guards_zero_vectors():
+    out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+    assert out.dtype == np.float32
