@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 import numpy as np
+
+
+def import_keras():
+    """``import keras`` (with TensorFlow), honouring TF_CPP_MIN_LOG_LEVEL=3.
+
+    TensorFlow's native start-up notices (oneDNN, CPU features) are written to
+    the stderr file descriptor before its log settings take effect, so with
+    level 3 (what the CLI asks for) the descriptor is silenced for the import
+    alone.  Python exceptions still propagate after it is restored.
+    """
+    if "keras" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        import keras
+
+        return keras
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401  (the noisy part)
+        import keras
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
 
 
 def inference_function(model, input_size: int) -> Callable[[np.ndarray], np.ndarray]:

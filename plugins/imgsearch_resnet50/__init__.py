@@ -15,6 +15,7 @@ import numpy as np
 from imgsearch.encoders import Encoder, WeightsStatus
 from imgsearch.errors import WeightsError
 from imgsearch.hashing import sha256_file
+from imgsearch.keras_support import import_keras, inference_function
 from imgsearch.preprocessing import Preprocessing
 
 WEIGHTS_ENV = "IMGSEARCH_RESNET50_WEIGHTS"
@@ -81,7 +82,7 @@ class ResNet50Encoder(Encoder):
         return self._fingerprint
 
     def _fetch_imagenet(self) -> Path:
-        import keras
+        keras = import_keras()
 
         try:
             return Path(
@@ -99,7 +100,7 @@ class ResNet50Encoder(Encoder):
 
     def build_model(self):
         """The Keras model with the chosen weights loaded (also used by tests)."""
-        import keras
+        keras = import_keras()
 
         if self.random_weights:
             # Random weights must still be the same in every process, or an
@@ -123,8 +124,6 @@ class ResNet50Encoder(Encoder):
         return model
 
     def load(self) -> None:
-        from imgsearch.keras_support import inference_function
-
         model = self.build_model()
         model.trainable = False
         self._run = inference_function(model, self.preprocessing.input_size)
