@@ -94,6 +94,10 @@ weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
     help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
 )
+check_encoder_option = click.option(
+    "--encoder", default=None, metavar="NAME",
+    help="Encoder to embed with; must be the one the index was built with (the default).",
+)
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
                              help="Output format; json is JSON Lines.")
 images_argument = click.argument("images", nargs=-1, required=True,
@@ -226,10 +230,11 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
 @index_option
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per image.")
 @click.option("--include-self", is_flag=True, help="Allow an indexed image to be its own neighbour.")
+@check_encoder_option
 @weights_option
 @format_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, weights, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
@@ -237,7 +242,7 @@ def query(ctx, images, index_dir, k, include_self, weights, fmt):
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
     """
-    with _open(ctx, index_dir, weights=weights) as idx:
+    with _open(ctx, index_dir, encoder, weights) as idx:
         _warn_if_random(idx)
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
@@ -271,10 +276,11 @@ def query(ctx, images, index_dir, k, include_self, weights, fmt):
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
               help="T of the weighted vote.")
 @click.option("--include-self", is_flag=True, help="Let an indexed image vote for itself.")
+@check_encoder_option
 @weights_option
 @format_option
 @click.pass_context
-def classify(ctx, images, index_dir, k, vote, temperature, include_self, weights, fmt):
+def classify(ctx, images, index_dir, k, vote, temperature, include_self, encoder, weights, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -282,7 +288,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, weights
       imgsearch classify new.jpg --index my-index
       imgsearch classify *.jpg --index my-index -k 10 --vote majority --format csv
     """
-    with _open(ctx, index_dir, weights=weights) as idx:
+    with _open(ctx, index_dir, encoder, weights) as idx:
         _warn_if_random(idx)
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self)

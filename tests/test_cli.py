@@ -166,6 +166,9 @@ def test_errors_are_one_line_with_the_right_exit_code(tmp_path, index_dir):
     assert not (tmp_path / "new").exists()
     err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--encoder", "resnet50", code=2).stderr
     assert "was built with encoder 'tiny-color', not 'resnet50'" in err
+    for command in ("query", "classify"):
+        err = run(command, QUERY, "--index", index_dir, "--encoder", "efficientnet-lite0", code=2).stderr
+        assert "was built with encoder 'tiny-color', not 'efficientnet-lite0'" in err
     (tmp_path / "empty").mkdir()
     assert "no image files found" in run("index", tmp_path / "empty", "--index", index_dir, code=2).stderr
     bad = tmp_path / "bad.jpg"
