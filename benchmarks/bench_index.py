@@ -11,6 +11,8 @@ its own; each is repeated and the median reported:
   encode    the encoder alone on already-resized pixels (model load excluded)
   naive     the baseline: Pillow open/convert/resize one image at a time, then
             Keras `model.predict` per batch (model load excluded)
+  pipeline  `Index.add` in a process whose encoder is already loaded: the
+            indexing pipeline itself, comparable with `naive`
   index     the whole `imgsearch index` command as a user runs it, start-up,
             model load and writing the index included
 
@@ -92,7 +94,21 @@ def phase_naive(paths, args) -> float:
     return time.perf_counter() - started
 
 
-PHASES = {"decode": phase_decode, "encode": phase_encode, "naive": phase_naive}
+def phase_pipeline(paths, args) -> float:
+    """`Index.add` with the encoder already loaded: the indexing pipeline
+    (threaded decode, batched inference, commits) without process start-up."""
+    import tempfile
+
+    from imgsearch import Index
+
+    with tempfile.TemporaryDirectory() as work, \
+            Index.build(Path(work) / "ix", encoder=args.encoder, weights=args.weights) as index:
+        started = time.perf_counter()
+        index.add([Path(args.paths_file).parent / "images"], batch_size=args.batch_size)
+        return time.perf_counter() - started
+
+
+PHASES = {"decode": phase_decode, "encode": phase_encode, "naive": phase_naive, "pipeline": phase_pipeline}
 
 
 def _child(command: list[str]) -> tuple[float, float, str]:
@@ -144,7 +160,7 @@ def main() -> None:
 
         results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(args.repeats):
-            for phase in ("decode", "encode", "naive"):
+            for phase in ("decode", "encode", "naive", "pipeline"):
                 _, rss, out = _child([sys.executable, __file__, str(args.folder), "--phase", phase,
                                       "--paths-file", str(listing), *common])
                 results.setdefault(phase, []).append((json.loads(out)["seconds"], rss))
@@ -165,9 +181,10 @@ def main() -> None:
         "decode": "decode + resize (ours)",
         "encode": "encoder only",
         "naive": "naive baseline (Pillow + predict)",
+        "pipeline": "Index.add, model loaded",
         "index": "imgsearch index, end to end",
     }
-    for phase in ("decode", "encode", "naive", "index"):
+    for phase in ("decode", "encode", "naive", "pipeline", "index"):
         peak = statistics.median(r for _, r in results[phase])
         print(f"{labels[phase]:<34}{rate[phase]:>10.1f}{peak:>10.0f}{rate[phase] / rate['naive']:>9.2f}x")
 
