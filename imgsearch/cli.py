@@ -20,6 +20,26 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 FORMATS = click.Choice(["table", "json", "csv"])
 
 
+class _PositiveNumber(click.ParamType):
+    """A finite number above zero (click's FloatRange lets nan and inf through)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} must be a finite number above zero", param, ctx)
+        return number
+
+
+POSITIVE = _PositiveNumber()
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -38,6 +58,14 @@ class _Group(click.Group):
             raise _Failure(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise _Failure("interrupted", 130) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            # A bug of ours or a library's: still one line, never a traceback
+            # (IMGSEARCH_DEBUG=1 shows it).
+            if os.environ.get("IMGSEARCH_DEBUG"):
+                raise
+            raise _Failure(f"unexpected {type(exc).__name__}: {exc}", 1) from None
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
@@ -170,8 +198,8 @@ def encoders(ctx, fmt):
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @index_option
-@click.option("--encoder", envvar="IMGSEARCH_ENCODER", default=None, metavar="NAME",
-              help="Encoder for a new index (default resnet50; env IMGSEARCH_ENCODER). "
+@click.option("--encoder", default=None, metavar="NAME",
+              help="Encoder for a new index (default: env IMGSEARCH_ENCODER, else resnet50). "
                    "An existing index keeps its own.")
 @weights_option
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
@@ -179,7 +207,7 @@ def encoders(ctx, fmt):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Commit to disk after this many new images.")
-@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=100.0,
+@click.option("--max-megapixels", type=POSITIVE, default=100.0,
               show_default=True, help="Skip images larger than this (decompression-bomb guard).")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commit_every, max_megapixels):
@@ -196,7 +224,8 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
     from .index import Index, read_labels_csv
 
     labels = read_labels_csv(labels_csv) if labels_csv else None
-    with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"]) as idx:
+    with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
+                     default_encoder=os.environ.get("IMGSEARCH_ENCODER")) as idx:
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d)", err=True)
         bar = None
@@ -219,6 +248,11 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
             f"duplicates {len(report.duplicates)}, skipped {len(report.skipped)} "
             f"in {report.seconds:.1f} s; {index_dir} holds {idx.store.count} images"
         )
+        if report.relabelled:
+            click.echo(f"relabelled {report.relabelled} indexed images from {labels_csv}")
+        if report.unmatched_labels:
+            _warn(f"{len(report.unmatched_labels)} rows of {labels_csv} name no image found here "
+                  f"(first: {report.unmatched_labels[0]})")
         for path, original in report.duplicates:
             click.echo(f"duplicate: {path} (same content as {original})")
         for skip in report.skipped:
@@ -273,7 +307,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
 @click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
 @click.option("--vote", type=click.Choice(["weighted", "majority"]), default="weighted", show_default=True,
               help="weighted: each neighbour counts exp(similarity / T); majority: one each.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
+@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True,
               help="T of the weighted vote.")
 @click.option("--include-self", is_flag=True, help="Let an indexed image vote for itself.")
 @check_encoder_option

@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 
-from .errors import PluginError, UnknownEncoderError
+from .errors import PluginError, UnknownEncoderError, first_line
 from .preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,13 @@ class Encoder:
     default_weights: ClassVar[str] = "imagenet"
 
     def __init__(self, weights: str | None = None):
-        self.weights = weights if weights else self.default_weights_spec()
+        weights = weights if weights else self.default_weights_spec()
+        path = Path(weights).expanduser()
+        if weights.lower() not in (RANDOM_WEIGHTS, self.default_weights) and path.exists():
+            # Recorded in the manifest: it must still name the file when the
+            # index is used from another working directory.
+            weights = str(path.resolve())
+        self.weights = weights
         self._loaded = False
 
     # -- description, cheap ---------------------------------------------
@@ -215,11 +221,14 @@ def _load_plugins_dir(registry: Registry, folder: Path) -> None:
         module_name = f"imgsearch_plugins_dir.{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
+        # Registered before it runs, as a normal import does: dataclasses and
+        # pickling look their module up in sys.modules while it executes.
+        sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise PluginError(f"plugin file {path} failed to load: {exc}") from exc
-        sys.modules[module_name] = module
+            del sys.modules[module_name]
+            raise PluginError(f"plugin file {path} failed to load: {first_line(exc)}") from exc
         _call_hook(module, f"plugin file {path}", registry)
 
 

@@ -6,6 +6,12 @@ callers can catch :class:`ImgsearchError` alone.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line, for wrapping into ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ImgsearchError(Exception):
     """Base class: a failure with a message fit to show a user."""
 

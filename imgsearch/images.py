@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import first_line
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_MEGAPIXELS = 100.0
 
@@ -45,13 +47,13 @@ def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
     seen: set[Path] = set()
 
     def add(path: Path, label):
-        key = path.absolute()
-        if key not in seen:
-            seen.add(key)
-            found.append(ImageFile(key, label))
+        if path not in seen:
+            seen.add(path)
+            found.append(ImageFile(path, label))
 
     for given in paths:
-        root = Path(given)
+        # Absolute and without '..', so one file always has one path.
+        root = Path(os.path.abspath(given))
         if root.is_file():
             add(root, None)
         elif root.is_dir():
@@ -64,7 +66,7 @@ def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
                     if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                         add(path, label)
         else:
-            skipped.append(Skipped(root.absolute(), "no such file or folder"))
+            skipped.append(Skipped(root, "no such file or folder"))
     return found, skipped
 
 
@@ -132,8 +134,11 @@ def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_
     except Image.DecompressionBombError:
         raise DecodeError("image too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DecodeError(f"corrupt or truncated image data ({message})") from None
+        raise DecodeError(f"corrupt or truncated image data ({first_line(exc)})") from None
+    except MemoryError:
+        raise DecodeError("not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's plugins raise more kinds than they document
+        raise DecodeError(f"cannot decode ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def read_bytes(path: Path) -> bytes:

@@ -18,6 +18,7 @@ The library never prints and never exits: long work reports through a
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ import numpy as np
 from . import images as imgs
 from . import knn
 from .encoders import Encoder, Registry, l2_normalize, load_registry
-from .errors import ImgsearchError, IndexMismatchError, NoImagesError, UsageError
+from .errors import ImgsearchError, IndexMismatchError, NoImagesError, UsageError, first_line
 from .hashing import sha256_bytes
 from .store import Entry, Hit, Store
 
@@ -45,8 +46,10 @@ class AddReport:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    relabelled: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[imgs.Skipped] = field(default_factory=list)
+    unmatched_labels: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -78,12 +81,27 @@ class _Prepared:
     reason: str | None = None
 
 
+def _status(path: str, sha256: str, by_path: dict[str, Entry], by_sha: dict[str, Entry]):
+    """What adding the file at ``path`` with this content means:
+    ``(status, entry at that path, entry with that content)`` where status
+    is ``unchanged``, ``duplicate`` (content indexed under another path),
+    ``changed`` or ``new``."""
+    known = by_path.get(path)
+    if known is not None and known.sha256 == sha256:
+        return "unchanged", known, known
+    twin = by_sha.get(sha256)
+    if twin is not None and twin.path != path:
+        return "duplicate", known, twin
+    return ("changed" if known is not None else "new"), known, twin
+
+
 def read_labels_csv(path) -> dict[str, str]:
     """``path,label`` rows (a header row is allowed) to absolute path -> label.
     Relative paths are taken relative to the CSV file's folder."""
     csv_path = Path(path)
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheets often start CSV files with a byte-order mark
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read labels file {csv_path}: {exc}") from None
@@ -95,10 +113,10 @@ def read_labels_csv(path) -> dict[str, str]:
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UsageError(f"labels file {csv_path}, row {number}: expected 'path,label'")
-        image_path = Path(row[0].strip())
+        image_path = Path(row[0].strip()).expanduser()
         if not image_path.is_absolute():
             image_path = csv_path.parent / image_path
-        labels[str(image_path.absolute())] = row[1].strip()
+        labels[os.path.abspath(image_path)] = row[1].strip()
     return labels
 
 
@@ -134,10 +152,12 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
 class Index:
     """An open index plus the encoder that reads images for it."""
 
-    def __init__(self, store: Store, registry: Registry, encoder: Encoder | None = None):
+    def __init__(self, store: Store, registry: Registry, encoder: Encoder | None = None,
+                 wanted: tuple[str | None, str | None] = (None, None)):
         self.store = store
         self.registry = registry
         self._encoder = encoder
+        self._wanted = wanted  # (encoder name, weights) asked for, checked on first use
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -146,15 +166,19 @@ class Index:
         """An existing index, for reading.  ``encoder``/``weights`` are checked
         against what the index was built with when images are embedded."""
         store = Store.open(directory)
-        index = cls(store, registry or load_registry(plugins_dir))
-        index._wanted = (encoder, weights)
-        return index
+        try:
+            return cls(store, registry or load_registry(plugins_dir), wanted=(encoder, weights))
+        except BaseException:
+            store.close()
+            raise
 
     @classmethod
     def build(cls, directory, *, encoder: str | None = None, weights: str | None = None,
-              registry: Registry | None = None, plugins_dir=None) -> "Index":
+              default_encoder: str | None = None, registry: Registry | None = None,
+              plugins_dir=None) -> "Index":
         """An index to add to: the existing one at ``directory`` (which must
-        match ``encoder`` and ``weights`` if given) or a new one."""
+        match ``encoder`` and ``weights`` if given) or a new one, made with
+        ``encoder``, else ``default_encoder``, else resnet50."""
         registry = registry or load_registry(plugins_dir)
         if Store.exists(directory):
             store = Store.open(directory, writable=True)
@@ -163,7 +187,7 @@ class Index:
             except BaseException:
                 store.close()
                 raise
-        model = registry.create(encoder or DEFAULT_ENCODER, weights)
+        model = registry.create(encoder or default_encoder or DEFAULT_ENCODER, weights)
         # Load before creating anything on disk: a missing download must not
         # leave an empty index behind.
         model.ensure_loaded()
@@ -182,8 +206,7 @@ class Index:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            name, weights = getattr(self, "_wanted", (None, None))
-            self._encoder = _matching_encoder(self.store, self.registry, name, weights)
+            self._encoder = _matching_encoder(self.store, self.registry, *self._wanted)
         return self._encoder
 
     # -- facts -----------------------------------------------------------
@@ -214,94 +237,127 @@ class Index:
             progress: Progress | None = None) -> AddReport:
         """Embed and store every image in ``paths`` not yet indexed.
 
-        Unchanged files (same path, same content) are left alone, changed ones
-        are re-embedded under their old id, and a file whose content is
-        already indexed under another path is reported as a duplicate rather
-        than stored twice.  Work is committed every ``commit_every`` images.
+        Unchanged files (same path, same content) are not decoded again,
+        changed ones are re-embedded under their old id, and a file whose
+        content is already indexed under another path is reported as a
+        duplicate rather than stored twice.  ``labels`` (absolute path to
+        label, e.g. from :func:`read_labels_csv`) win over folder names and
+        also relabel files already indexed.  Work is committed every
+        ``commit_every`` images.  A new index that fails before its first
+        commit is removed again.
         """
-        started = time.perf_counter()
         if not self.store.writable:
             raise UsageError("index opened for reading; use Index.build to add images")
         if batch_size is not None and batch_size < 1:
             raise UsageError("batch size must be at least 1")
         if commit_every < 1:
             raise UsageError("commit interval must be at least 1")
+        if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
+            raise UsageError("the megapixel limit must be a positive number")
+        try:
+            return self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
+                             commit_every, max_megapixels, progress)
+        except BaseException:
+            if self.store.created_here and self.store.count == 0:
+                self.store.discard()
+            raise
+
+    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, progress) -> AddReport:
+        started = time.perf_counter()
         files, skipped = imgs.discover(paths)
         if not files:
             raise NoImagesError(
                 "no image files found in " + ", ".join(str(p) for p in paths)
                 + (f" ({skipped[0].reason}: {skipped[0].path})" if skipped else "")
             )
-        labels = labels or {}
         report = AddReport(skipped=list(skipped))
+        found = {str(f.path) for f in files}
+        report.unmatched_labels = sorted(path for path in labels if path not in found)
         encoder = self.encoder
-        batch_size = batch_size or encoder.batch_size
         by_path = self.store.by_path()
         by_sha = self.store.by_sha256()
-        pending: list[tuple[Entry, np.ndarray]] = []
+        entries: list[Entry] = []
+        vectors: list[np.ndarray] = []
+        removed: list[int] = []
+        relabel: dict[int, str] = {}
 
-        def prepare(file: imgs.ImageFile) -> _Prepared:
+        def prepare(file: imgs.ImageFile, *, force: bool = False) -> _Prepared:
             try:
                 data = imgs.read_bytes(file.path)
                 stat = os.stat(file.path)
                 sha = sha256_bytes(data)
-                known = by_path.get(str(file.path))
-                if (known and known.sha256 == sha) or (sha in by_sha and not known):
+                if not force and _status(str(file.path), sha, by_path, by_sha)[0] in ("unchanged", "duplicate"):
                     return _Prepared(file, sha, stat.st_size, stat.st_mtime)
                 image = imgs.decode(data, draft_size=encoder.preprocessing.draft_size,
                                     max_megapixels=max_megapixels)
-                width, height = image.size
                 return _Prepared(file, sha, stat.st_size, stat.st_mtime,
-                                 encoder.preprocessing.resize_image(image), width, height)
+                                 encoder.preprocessing.resize_image(image), *image.size)
             except imgs.DecodeError as exc:
                 return _Prepared(file, reason=str(exc))
             except OSError as exc:
                 return _Prepared(file, reason=f"cannot read file ({exc.strerror or exc})")
+            except Exception as exc:  # one bad file must not stop a long run
+                return _Prepared(file, reason=f"cannot process ({type(exc).__name__}: {first_line(exc)})")
 
         def flush():
-            if pending:
-                entries, vectors = zip(*pending)
-                self.store.commit(list(entries), np.stack(vectors))
-                pending.clear()
+            if entries or removed:
+                self.store.commit(entries, np.stack(vectors) if vectors else np.empty((0, self.store.dim)),
+                                  remove=removed)
+                entries.clear(), vectors.clear(), removed.clear()
 
         done = 0
         # Pillow releases the GIL while decoding, so threads decode in parallel.
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(files), batch_size):
-                chunk = list(pool.map(prepare, files[start : start + batch_size]))
-                to_embed = []
-                for item in chunk:
+                to_embed: list[tuple[Entry, np.ndarray]] = []
+                for item in pool.map(prepare, files[start : start + batch_size]):
                     path = str(item.file.path)
-                    known = by_path.get(path)
                     if item.reason:
                         report.skipped.append(imgs.Skipped(item.file.path, item.reason))
-                    elif item.pixels is None:
-                        if known and known.sha256 == item.sha256:
-                            report.unchanged += 1
-                        else:
-                            report.duplicates.append((path, by_sha[item.sha256].path))
-                    elif item.sha256 in by_sha and by_sha[item.sha256].path != path:
-                        # the same content seen earlier in this very run
-                        report.duplicates.append((path, by_sha[item.sha256].path))
+                        continue
+                    status, known, twin = _status(path, item.sha256, by_path, by_sha)
+                    if status == "unchanged":
+                        report.unchanged += 1
+                        if path in labels and labels[path] != known.label:
+                            relabel[known.id] = labels[path]
+                        continue
+                    if status == "duplicate":
+                        report.duplicates.append((path, twin.path))
+                        if known is not None:
+                            # The path now holds another indexed picture: its
+                            # old entry is stale.
+                            removed.append(known.id)
+                            del by_path[path]
+                            by_sha.pop(known.sha256, None)
+                        continue
+                    if item.pixels is None:  # judged a duplicate in prepare, but no longer
+                        item = prepare(item.file, force=True)
+                        if item.reason:
+                            report.skipped.append(imgs.Skipped(item.file.path, item.reason))
+                            continue
+                    label = labels.get(path) or (known.label if known else item.file.label)
+                    entry = Entry(known.id if known else None, path, item.sha256, item.size,
+                                  item.mtime, label, item.width, item.height)
+                    if known is not None:
+                        by_sha.pop(known.sha256, None)
+                        report.updated += 1
                     else:
-                        label = labels.get(path, item.file.label)
-                        entry = Entry(known.id if known else None, path, item.sha256, item.size,
-                                      item.mtime, label, item.width, item.height)
-                        by_sha[item.sha256] = entry
-                        to_embed.append((entry, item.pixels))
-                        if known:
-                            report.updated += 1
-                        else:
-                            report.added += 1
+                        report.added += 1
+                    by_path[path] = by_sha[item.sha256] = entry
+                    to_embed.append((entry, item.pixels))
                 if to_embed:
-                    vectors = l2_normalize(encoder.embed_pixels(np.stack([p for _, p in to_embed])))
-                    pending.extend((entry, vector) for (entry, _), vector in zip(to_embed, vectors))
-                if len(pending) >= commit_every:
+                    batch = l2_normalize(encoder.embed_pixels(np.stack([p for _, p in to_embed])))
+                    entries.extend(entry for entry, _ in to_embed)
+                    vectors.extend(batch)
+                if len(entries) >= commit_every:
                     flush()
-                done += len(chunk)
+                done = min(start + batch_size, len(files))
                 if progress:
                     progress(done, len(files))
             flush()
+        if relabel:
+            self.store.relabel(relabel)
+            report.relabelled = len(relabel)
         report.seconds = time.perf_counter() - started
         return report
 

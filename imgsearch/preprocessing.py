@@ -84,8 +84,11 @@ class Preprocessing:
             new_h = max(size, round(height * scale))
             left = (new_w - size) // 2
             top = (new_h - size) // 2
-            out = image.resize((new_w, new_h), resample)
-            out = out.crop((left, top, left + size, top + size))
+            # Resample only the source region that survives the crop: a
+            # 1x400000 strip would otherwise be scaled to gigapixels first.
+            sx, sy = new_w / width, new_h / height
+            box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+            out = image.resize((size, size), resample, box=box)
         return np.asarray(out, dtype=np.uint8)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:

@@ -115,7 +115,19 @@ class Store:
         self._db = connection
         self.writable = writable
         self._lock_handle = None
-        self._load_state()
+        self.created_here = False
+        self._made_folder = False
+        if writable:
+            # The state must be read under the lock, or a writer could start
+            # from a generation another writer is about to replace.
+            self._acquire_lock()
+        try:
+            self._load_state()
+            if writable:
+                self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
 
     # -- opening ---------------------------------------------------------
     @staticmethod
@@ -133,9 +145,13 @@ class Store:
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (METADATA_FILE + ".new")
-        tmp.unlink(missing_ok=True)
+        made_folder = not directory.exists()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / (METADATA_FILE + ".new")
+            tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise BadIndexError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
         db = sqlite3.connect(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -161,6 +177,7 @@ class Store:
         os.replace(tmp, directory / METADATA_FILE)
         _fsync_dir(directory)
         store = cls.open(directory, writable=True)
+        store.created_here, store._made_folder = True, made_folder
         store._write_manifest_copy()
         return store
 
@@ -182,10 +199,7 @@ class Store:
             db.execute("SELECT count(*) FROM images").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
-        store = cls(directory, db, writable)
-        if writable:
-            store._acquire_lock()
-        return store
+        return cls(directory, db, writable)
 
     def close(self) -> None:
         self._db.close()
@@ -204,7 +218,10 @@ class Store:
             import fcntl
         except ImportError:  # no advisory locks on this platform; single writer is on the user
             return
-        handle = open(self.directory / LOCK_FILE, "a+")
+        try:
+            handle = open(self.directory / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise BadIndexError(f"cannot write to index {self.directory}: {exc.strerror or exc}") from None
         try:
             # flock is dropped by the kernel when the holder dies, so a crashed
             # writer never leaves the index locked.
@@ -216,31 +233,58 @@ class Store:
             ) from None
         self._lock_handle = handle
 
-    def _load_state(self) -> None:
-        try:
-            state = dict(self._db.execute("SELECT key, value FROM state"))
-            self.manifest = json.loads(state["manifest"])
-            self._next_id = int(state["next_id"])
-        except (sqlite3.DatabaseError, KeyError, ValueError) as exc:
-            raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BadIndexError(
-                f"index {self.directory} has format version {version}; this imgsearch reads version {FORMAT_VERSION}"
-            )
-        self._faiss = self._read_vectors()
+    def _load_state(self, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                # One read transaction: the state and the row count belong to
+                # the same commit.
+                self._db.execute("BEGIN")
+                try:
+                    state = dict(self._db.execute("SELECT key, value FROM state"))
+                    count = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
+                finally:
+                    self._db.execute("COMMIT")
+                self.manifest = json.loads(state["manifest"])
+                self._next_id = int(state["next_id"])
+            except (sqlite3.DatabaseError, KeyError, ValueError) as exc:
+                raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
+            version = self.manifest.get("format_version")
+            if version != FORMAT_VERSION:
+                raise BadIndexError(
+                    f"index {self.directory} has format version {version}; "
+                    f"this imgsearch reads version {FORMAT_VERSION}"
+                )
+            try:
+                self._faiss = self._read_vectors(count)
+                return
+            except FileNotFoundError:
+                # A writer committed and removed the generation we were about
+                # to read; the next read sees the new one.
+                if attempt == attempts - 1:
+                    raise BadIndexError(
+                        f"index {self.directory} is damaged: its vectors file "
+                        f"{self.manifest.get('vectors_file')} is missing"
+                    ) from None
 
-    def _read_vectors(self):
+    def _remove_leftovers(self) -> None:
+        """Files of commits that never finished (the lock is held)."""
+        current = self.manifest.get("vectors_file")
+        for path in self.directory.glob("vectors-*"):
+            if path.name != current:
+                path.unlink(missing_ok=True)
+        for path in self.directory.glob("*.tmp"):
+            path.unlink(missing_ok=True)
+
+    def _read_vectors(self, count: int):
         import faiss
 
         name = self.manifest.get("vectors_file")
-        count = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
         if name is None:
             index = _new_faiss(self.dim)
         else:
             path = self.directory / name
             if not path.is_file():
-                raise BadIndexError(f"index {self.directory} is damaged: its vectors file {name} is missing")
+                raise FileNotFoundError(path)
             try:
                 index = faiss.read_index(str(path))
             except RuntimeError:
@@ -273,10 +317,6 @@ class Store:
 
     def by_sha256(self) -> dict[str, Entry]:
         return {entry.sha256: entry for entry in self._entries()}
-
-    def find_sha256(self, sha256: str) -> Entry | None:
-        found = self._entries("WHERE sha256 = ? LIMIT 1", (sha256,))
-        return found[0] if found else None
 
     def labels(self) -> dict[str, int]:
         rows = self._db.execute(
@@ -312,18 +352,21 @@ class Store:
         return results
 
     # -- writing ---------------------------------------------------------
-    def commit(self, entries: list[Entry], vectors: np.ndarray) -> list[int]:
-        """Add or replace entries with their (normalised) vectors, atomically.
+    def commit(self, entries: list[Entry], vectors: np.ndarray, remove: list[int] = ()) -> list[int]:
+        """Add or replace entries with their (normalised) vectors and drop the
+        ids in ``remove``, all in one atomic step.
 
         An entry whose ``id`` is set replaces that id's row and vector (its
-        file changed); one without gets a new id.  Returns the ids.
+        file changed); one without gets a new id.  Returns the entries' ids.
         """
         if not self.writable:
             raise RuntimeError("store opened read-only")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if len(entries) != len(vectors) or (len(vectors) and vectors.shape[1] != self.dim):
-            raise ValueError("entries and vectors do not match")
-        if not entries:
+        if not len(entries):
+            vectors = vectors.reshape(0, self.dim)
+        if vectors.ndim != 2 or vectors.shape != (len(entries), self.dim):
+            raise ValueError(f"expected vectors of shape {(len(entries), self.dim)}, not {vectors.shape}")
+        if not entries and not len(remove):
             return []
         ids = []
         next_id = self._next_id
@@ -333,29 +376,27 @@ class Store:
                 next_id += 1
             else:
                 ids.append(int(entry.id))
-        id_array = np.asarray(ids, dtype=np.int64)
-        replaced = np.asarray([e.id for e in entries if e.id is not None], dtype=np.int64)
+        dropped = np.asarray(
+            [e.id for e in entries if e.id is not None] + [int(i) for i in remove], dtype=np.int64
+        )
 
         import faiss
 
         updated = faiss.clone_index(self._faiss)
-        if len(replaced):
-            updated.remove_ids(replaced)
-        updated.add_with_ids(vectors, id_array)
+        if len(dropped):
+            updated.remove_ids(dropped)
+        if ids:
+            updated.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
 
         generation = int(self.manifest["generation"]) + 1
         name = _vectors_name(generation)
-        tmp = self.directory / (name + ".tmp")
-        faiss.write_index(updated, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / name)
-        _fsync_dir(self.directory)
-
+        self._write_vectors(updated, name)
         manifest = dict(self.manifest, count=int(updated.ntotal), generation=generation,
                         vectors_file=name, updated=_now())
         try:
             with self._db:
+                if len(remove):
+                    self._db.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in remove])
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
@@ -372,15 +413,57 @@ class Store:
                     raise BadIndexError(
                         f"refusing to commit: {count} metadata rows but {updated.ntotal} vectors"
                     )
-        except BaseException:
+        except BaseException as exc:
             (self.directory / name).unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.OperationalError):
+                raise BadIndexError(
+                    f"cannot write index {self.directory} ({exc}); it is unchanged"
+                ) from None
             raise
         old = self.manifest.get("vectors_file")
         self.manifest, self._faiss, self._next_id = manifest, updated, next_id
-        self._write_manifest_copy()
-        if old:
-            (self.directory / old).unlink(missing_ok=True)
+        # From here the commit stands; the rest only tidies up.
+        with contextlib.suppress(OSError):
+            self._write_manifest_copy()
+            if old:
+                (self.directory / old).unlink(missing_ok=True)
         return ids
+
+    def relabel(self, labels: dict[int, str | None]) -> None:
+        """Change the labels of existing entries (metadata only)."""
+        if labels:
+            with self._db:
+                self._db.executemany("UPDATE images SET label = ? WHERE id = ?",
+                                     [(label, int(i)) for i, label in labels.items()])
+
+    def discard(self) -> None:
+        """Remove an index this process created and never committed to."""
+        if not (self.created_here and self.count == 0):
+            raise RuntimeError("only a new, empty index can be discarded")
+        self.close()
+        for name in (METADATA_FILE, MANIFEST_FILE, LOCK_FILE):
+            (self.directory / name).unlink(missing_ok=True)
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
+
+    def _write_vectors(self, index, name: str) -> None:
+        """Write a vectors file whole or not at all, with a clear error."""
+        import faiss
+
+        tmp = self.directory / (name + ".tmp")
+        try:
+            faiss.write_index(index, str(tmp))
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.directory / name)
+            _fsync_dir(self.directory)
+        except (RuntimeError, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise BadIndexError(
+                f"cannot write index file {tmp.name} in {self.directory} ({reason}); the index is unchanged"
+            ) from None
 
     def _write_manifest_copy(self) -> None:
         _write_atomic(

@@ -61,6 +61,11 @@ def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
     run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
     church = sorted((labelled_copy / "church").iterdir())
     info_before = json.loads(run("info", "--index", target, "--format", "json").stdout)
+    from imgsearch.store import Store
+
+    with Store.open(target) as store:
+        ids_before = {e.path: e.id for e in store.entries()}
+        shas_before = {e.path: e.sha256 for e in store.entries()}
     with Image.open(church[0]) as image:                               # changed content
         image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(church[0], "JPEG")
     shutil.copy(church[2], labelled_copy / "church" / "copy.jpg")      # duplicate content
@@ -71,6 +76,13 @@ def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
     assert f"skipped: {labelled_copy / 'church' / 'broken.jpg'}: not an image" in result.stdout
     info_after = json.loads(run("info", "--index", target, "--format", "json").stdout)
     assert info_after["count"] == info_before["count"] == 50
+    from imgsearch.store import Store
+
+    with Store.open(target) as store:
+        entry = store.by_path()[str(church[0])]
+        assert entry.id == ids_before[str(church[0])]
+        assert entry.sha256 != shas_before[str(church[0])]
+        assert {e.path: e.id for e in store.entries()} == ids_before
 
 
 def test_query_formats_and_self_exclusion(index_dir):
@@ -215,3 +227,75 @@ def test_real_subprocess_end_to_end(tmp_path):
     assert failed.stderr.strip().splitlines() == [f"Error: no index at {tmp_path / 'none'} (create one with 'imgsearch index')"]
     module = subprocess.run([sys.executable, "-m", "imgsearch", "--version"], capture_output=True, text=True)
     assert module.stdout.strip().startswith("imgsearch, version")
+
+
+def test_a_failed_first_run_leaves_no_index_behind(tmp_path):
+    run("index", tmp_path / "nothing-here", "--index", tmp_path / "ix", "--encoder", "tiny-color", code=2)
+    assert not (tmp_path / "ix").exists()
+    (tmp_path / "given").mkdir()  # a folder the user made stays, empty
+    run("index", tmp_path / "nothing-here", "--index", tmp_path / "given", "--encoder", "tiny-color", code=2)
+    assert list((tmp_path / "given").iterdir()) == []
+    # and the next run may choose any encoder
+    run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "ix", "--encoder", "tiny-color")
+
+
+def test_bad_numbers_and_unwritable_places(tmp_path, index_dir):
+    for value in ("nan", "inf", "-1", "0", "lots"):
+        run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--max-megapixels", value, code=2)
+        run("classify", QUERY, "--index", index_dir, "--temperature", value, code=2)
+    (tmp_path / "file").write_text("x")
+    err = run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "file" / "ix", "--encoder", "tiny-color", code=1).stderr
+    assert "cannot create index folder" in err
+
+
+def test_paths_are_normalised(index_dir):
+    odd = SAMPLE_DATA / "labelled" / ".." / "labelled" / "tench"
+    result = run("index", odd, "--index", index_dir)
+    assert result.stdout.startswith("added 0, updated 0, unchanged 10, duplicates 0, skipped 0 ")
+
+
+def test_labels_csv_relabels_indexed_images_and_warns_about_unknown_rows(tmp_path):
+    photos = sorted((SAMPLE_DATA / "labelled" / "tench").iterdir())[:3]
+    target = tmp_path / "ix"
+    run("index", *photos, "--index", target, "--encoder", "tiny-color")
+    labels = tmp_path / "labels.csv"
+    # a byte-order mark, as spreadsheets write it, and one row for no image
+    labels.write_text("\ufeffpath,label\n" + "".join(f"{p},fish\n" for p in photos) + "gone.jpg,x\n", encoding="utf-8")
+    result = run("index", *photos, "--index", target, "--labels", labels)
+    assert "relabelled 3 indexed images" in result.stdout
+    assert f"warning: 1 rows of {labels} name no image found here (first: {tmp_path / 'gone.jpg'})" in result.stderr
+    assert json.loads(run("info", "--index", target, "--format", "json").stdout)["labels"] == {"fish": 3}
+
+
+def test_a_file_changed_into_a_copy_of_another_loses_its_stale_entry(tmp_path, labelled_copy):
+    target = tmp_path / "ix"
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    church = sorted((labelled_copy / "church").iterdir())
+    shutil.copy(church[1], church[0])
+    result = run("index", labelled_copy, "--index", target)
+    assert result.stdout.startswith("added 0, updated 0, unchanged 49, duplicates 1, skipped 0 ")
+    from imgsearch.store import Store
+
+    with Store.open(target) as store:
+        assert store.count == 49
+        assert str(church[0]) not in store.by_path()
+
+
+def test_environment_encoder_only_chooses_for_new_indexes(index_dir, monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_ENCODER", "efficientnet-lite0")
+    assert run("index", SAMPLE_DATA / "queries", "--index", index_dir).stdout.startswith("added 5,")
+
+
+def test_offline_resnet50_download_failure_through_the_cli(tmp_path, monkeypatch):
+    import imgsearch_resnet50
+
+    monkeypatch.setattr(imgsearch_resnet50, "WEIGHTS_URL", "http://127.0.0.1:9/" + imgsearch_resnet50.WEIGHTS_FILE)
+    err = run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "ix", code=1).stderr
+    assert imgsearch_resnet50.WEIGHTS_FILE in err and "--encoder efficientnet-lite0" in err
+    assert not (tmp_path / "ix").exists()
+
+
+def test_a_very_thin_panorama_is_indexed(tmp_path):
+    Image.new("RGB", (20000, 3), (200, 10, 10)).save(tmp_path / "strip.png")
+    result = run("index", tmp_path / "strip.png", "--index", tmp_path / "ix", "--encoder", "tiny-color")
+    assert result.stdout.startswith("added 1,")

@@ -67,11 +67,15 @@ def test_another_encoder_or_other_weights_are_refused(effnet_index, tmp_path):
 def test_random_weights_warn_in_every_command(tmp_path):
     env = dict(os.environ, IMGSEARCH_INDEX=str(tmp_path / "ix"))
     query = str(SAMPLE_DATA / "queries" / "tench.jpg")
-    photos = sorted(str(p) for p in (SAMPLE_DATA / "labelled" / "tench").glob("*.jpg"))[:4]
+    root = tmp_path / "photos"
+    for name in ("tench", "church"):
+        (root / name).mkdir(parents=True)
+        for photo in sorted((SAMPLE_DATA / "labelled" / name).glob("*.jpg"))[:2]:
+            (root / name / photo.name).symlink_to(photo)
     warning = "built with random weights (--weights none); its results are meaningless"
-    for args in (["index", *photos, "--encoder", "resnet50", "--weights", "none"],
-                 ["query", query, "-k", "2"], ["info", "--format", "json"]):
-        done = subprocess.run([sys.executable, "-m", "imgsearch", *args], capture_output=True, text=True, env=env)
+    for args in (["index", root, "--encoder", "resnet50", "--weights", "none"],
+                 ["query", query, "-k", "2"], ["classify", query, "-k", "2"], ["info", "--format", "json"]):
+        done = subprocess.run([sys.executable, "-m", "imgsearch", *map(str, args)], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         assert warning in done.stderr
     assert json.loads(done.stdout)["random_weights"] is True

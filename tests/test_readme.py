@@ -3,6 +3,7 @@
 import json
 import re
 
+import click
 from click.testing import CliRunner
 
 from imgsearch.cli import main
@@ -53,8 +54,15 @@ def test_every_option_in_the_synopsis_exists():
             if option not in ("--version",):
                 assert option in known, f"README mentions {option} for '{current.name}'"
     assert set(commands) == {"index", "query", "classify", "info", "encoders"}
-    for name in commands:
+    for name, command in commands.items():
         assert f"imgsearch {name}" in synopsis
+        # and the other way round: every option is in the synopsis
+        block = synopsis[synopsis.index(f"imgsearch {name}"):]
+        following = [c for c in commands if c != name and f"imgsearch {c}" in block]
+        block = block[: min([block.index(f"imgsearch {c}") for c in following] or [len(block)])]
+        for param in command.params:
+            if isinstance(param, click.Option) and "--help" not in param.opts:
+                assert any(opt in block for opt in param.opts), f"{name} {param.opts[0]} missing from README"
 
 
 def test_environment_variables_in_the_readme_are_read_somewhere():

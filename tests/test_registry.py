@@ -130,3 +130,25 @@ def test_help_and_encoders_do_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "none"
+
+
+def test_a_plugin_file_may_use_dataclasses_with_postponed_annotations(tmp_path):
+    (tmp_path / "typed.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class Settings:\n"
+        "    size: int = 8\n"
+        + PLUGIN_SOURCE.format(cls="Typed", name="typed")
+    )
+    assert "typed" in load_registry(tmp_path).names()
+
+
+def test_a_relative_weights_path_is_recorded_absolute(tmp_path, monkeypatch):
+    from imgsearch_resnet50 import ResNet50Encoder
+
+    (tmp_path / "w.weights.h5").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert ResNet50Encoder("w.weights.h5").weights == str(tmp_path / "w.weights.h5")
+    assert ResNet50Encoder("imagenet").weights == "imagenet"
+    assert ResNet50Encoder("none").weights == "none"

@@ -140,3 +140,63 @@ def test_l2_normalize_guards_zero_vectors():
     out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
     assert out.dtype == np.float32
+
+
+def test_a_failed_vectors_write_leaves_the_index_as_it_was(tmp_path, monkeypatch):
+    import faiss
+
+    rng = np.random.default_rng(6)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
+    before = sorted(p.name for p in (tmp_path / "ix").iterdir())
+
+    def full_disk(index, path):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise RuntimeError("Error: 'ret == (size_t)(n)' failed: write error, No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(BadIndexError, match="No space left on device.*the index is unchanged"):
+        store.commit(_entries(2, start=50), l2_normalize(rng.standard_normal((2, DIM))))
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
+    store.close()
+    monkeypatch.undo()
+    assert Store.open(tmp_path / "ix").count == 3
+
+
+def test_a_writer_removes_what_unfinished_commits_left(tmp_path):
+    store = _store(tmp_path, l2_normalize(np.random.default_rng(8).standard_normal((2, DIM))))
+    current = store.manifest["vectors_file"]
+    store.close()
+    for name in ("vectors-000099.faiss", "vectors-000100.faiss.tmp", "manifest.json.tmp"):
+        (tmp_path / "ix" / name).write_bytes(b"left by a crash")
+    Store.open(tmp_path / "ix").close()  # readers never delete
+    assert (tmp_path / "ix" / "vectors-000099.faiss").exists()
+    Store.open(tmp_path / "ix", writable=True).close()
+    assert sorted(p.name for p in (tmp_path / "ix").glob("*.faiss*")) == [current]
+    assert not list((tmp_path / "ix").glob("*.tmp"))
+
+
+def test_a_reader_retries_when_a_commit_replaced_its_generation(tmp_path, monkeypatch):
+    store = _store(tmp_path, l2_normalize(np.random.default_rng(9).standard_normal((2, DIM))))
+    store.close()
+    calls = []
+    real = Store._read_vectors
+
+    def vanished_once(self, count):
+        calls.append(count)
+        if len(calls) == 1:
+            raise FileNotFoundError("vectors-000001.faiss")
+        return real(self, count)
+
+    monkeypatch.setattr(Store, "_read_vectors", vanished_once)
+    assert Store.open(tmp_path / "ix").count == 2
+    assert calls == [2, 2]
+
+
+def test_removing_entries(tmp_path):
+    rng = np.random.default_rng(10)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((4, DIM))))
+    store.commit([], np.empty((0, DIM), np.float32), remove=[2, 3])
+    assert [e.id for e in store.entries()] == [1, 4] and store.count == 2
+    store.commit(_entries(1, start=20), l2_normalize(rng.standard_normal((1, DIM))))
+    assert [e.id for e in store.entries()] == [1, 4, 5]  # removed ids are never reused

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch.encoders import Encoder, WeightsStatus
-from imgsearch.errors import WeightsError
+from imgsearch.errors import WeightsError, first_line
 from imgsearch.hashing import sha256_file
 from imgsearch.keras_support import import_keras, inference_function
 from imgsearch.preprocessing import Preprocessing
@@ -63,7 +63,7 @@ class ResNet50Encoder(Encoder):
 
     def weights_status(self) -> WeightsStatus:
         if self.random_weights:
-            return WeightsStatus(True, "random initialisation (tests only)")
+            return super().weights_status()
         path = self._weights_file()
         if path.is_file():
             return WeightsStatus(True, str(path))
@@ -91,9 +91,8 @@ class ResNet50Encoder(Encoder):
                 )
             )
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsError(
-                f"could not download the ResNet50 ImageNet weights {WEIGHTS_FILE} ({reason}); "
+                f"could not download the ResNet50 ImageNet weights {WEIGHTS_FILE} ({first_line(exc)}); "
                 f"put that file in {keras_cache_file().parent}/, or pass --weights PATH "
                 f"(or set {WEIGHTS_ENV}) to a local .h5 file, or use --encoder efficientnet-lite0"
             ) from None
@@ -119,8 +118,7 @@ class ResNet50Encoder(Encoder):
         try:
             model.load_weights(str(path))
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"cannot load resnet50 weights from {path}: {reason}") from None
+            raise WeightsError(f"cannot load resnet50 weights from {path}: {first_line(exc)}") from None
         return model
 
     def load(self) -> None:
