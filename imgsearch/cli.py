@@ -15,6 +15,7 @@ import sys
 import click
 
 from . import __version__
+from .errors import BadIndexError  # light: no heavy imports behind it
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -58,7 +59,7 @@ class _Group(click.Group):
             raise _Failure(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise _Failure("interrupted", 130) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
         except Exception as exc:
             # A bug of ours or a library's: still one line, never a traceback
@@ -81,7 +82,24 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(1)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python
+            # from complaining again when it flushes stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM stops long work the way Ctrl-C does: committed work is kept
+    and the user is told how to resume."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _warn(message: str) -> None:
@@ -97,10 +115,13 @@ def _warn_if_random(index) -> None:
 
 
 def _rows_of_hits(hits):
-    return [
-        {"rank": rank, "path": hit.entry.path, "score": round(hit.score, 6), "label": hit.entry.label}
-        for rank, hit in enumerate(hits, start=1)
-    ]
+    rows = []
+    for rank, hit in enumerate(hits, start=1):
+        row = {"rank": rank, "path": hit.entry.path, "score": round(hit.score, 6), "label": hit.entry.label}
+        if hit.also_at:
+            row["also_at"] = list(hit.also_at)  # identical files, stored once
+        rows.append(row)
+    return rows
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -209,20 +230,28 @@ def encoders(ctx, fmt):
               help="Commit to disk after this many new images.")
 @click.option("--max-megapixels", type=POSITIVE, default=100.0,
               show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
+@click.option("--errors", "errors_csv", type=click.Path(dir_okay=False, writable=True),
+              help="Write every skipped path and its reason to this CSV file.")
+@click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
 @click.pass_context
-def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commit_every, max_megapixels):
+def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commit_every, max_megapixels,
+          prune, errors_csv, strict):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
-    folder's name.  Running it again adds only new or changed files.
+    folder's name.  Running it again embeds only new or changed files and
+    resumes an interrupted run.
 
     \b
     Examples:
       imgsearch index photos/ --index my-index
       imgsearch index train/ --index pets --encoder efficientnet-lite0
+      imgsearch index photos/ --index my-index --prune --errors skipped.csv
     """
     from .index import Index, read_labels_csv
 
+    _terminate_as_interrupt()
     labels = read_labels_csv(labels_csv) if labels_csv else None
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER")) as idx:
@@ -243,20 +272,91 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
+        pruned = idx.prune() if prune else None
         click.echo(
-            f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-            f"duplicates {len(report.duplicates)}, skipped {len(report.skipped)} "
-            f"in {report.seconds:.1f} s; {index_dir} holds {idx.store.count} images"
+            f"added {report.added}, updated {report.updated}, moved {report.moved}, "
+            f"unchanged {report.unchanged}, duplicates {len(report.duplicates)}, "
+            f"skipped {len(report.skipped)} in {report.seconds:.1f} s; "
+            f"{index_dir} holds {idx.store.count} images"
         )
+        if pruned is not None:
+            click.echo(f"pruned {pruned.removed} images and {pruned.paths_only} duplicate paths whose files are gone")
         if report.relabelled:
             click.echo(f"relabelled {report.relabelled} indexed images from {labels_csv}")
         if report.unmatched_labels:
-            _warn(f"{len(report.unmatched_labels)} rows of {labels_csv} name no image found here "
+            count = len(report.unmatched_labels)
+            _warn(f"{count} {'row' if count == 1 else 'rows'} of {labels_csv} name no image found here "
                   f"(first: {report.unmatched_labels[0]})")
         for path, original in report.duplicates:
             click.echo(f"duplicate: {path} (same content as {original})")
         for skip in report.skipped:
             click.echo(f"skipped: {skip.path}: {skip.reason}")
+        if errors_csv:
+            with open(errors_csv, "w", newline="", encoding="utf-8") as handle:
+                out = csv.writer(handle)
+                out.writerow(["path", "reason"])
+                out.writerows([str(skip.path), skip.reason] for skip in report.skipped)
+        if strict and report.skipped:
+            raise _Failure(f"{len(report.skipped)} files were skipped (--strict); the others are indexed", 1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@index_option
+@click.pass_context
+def remove(ctx, paths, index_dir):
+    """Forget files, and every file under folders, from an index.
+
+    The files need not exist any more.  To forget every file that no longer
+    exists, use 'imgsearch index ... --prune'.
+
+    \b
+    Example:
+      imgsearch remove photos/2019/ old.jpg --index my-index
+    """
+    from .index import Index
+
+    with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
+        report = idx.remove(paths)
+        for path in report.not_indexed:
+            _warn(f"not in the index: {path}")
+        if not report.removed and not report.paths_only:
+            raise _Failure("none of the given paths is in the index", 1)
+        click.echo(f"removed {report.removed} images and {report.paths_only} duplicate paths; "
+                   f"{index_dir} holds {idx.store.count} images")
+
+
+@main.command()
+@index_option
+@click.option("--repair", is_flag=True, help="Rewrite manifest.json from the metadata when that is all that is wrong.")
+@click.pass_context
+def verify(ctx, index_dir, repair):
+    """Check an index: metadata, vectors and manifest against each other.
+
+    Exits with 1 when something is wrong.
+
+    \b
+    Example:
+      imgsearch verify --index my-index
+    """
+    from .store import Store
+
+    try:
+        store = Store.open(index_dir, writable=repair, check_manifest=not repair)
+    except BadIndexError as exc:
+        raise _Failure(f"index {index_dir} is damaged: {exc}", 1) from None
+    with store:
+        if repair:
+            store.repair_manifest_copy()
+        problems, notes = store.verify()
+        for note in notes:
+            click.echo(f"note: {note}")
+        for problem in problems:
+            click.echo(f"problem: {problem}")
+        if problems:
+            raise _Failure(f"index {index_dir} has {len(problems)} problems", 1)
+        click.echo(f"ok: {store.count} images, {len(store.aliases())} duplicate paths, "
+                   f"dimension {store.dim}, generation {store.manifest['generation']}")
 
 
 @main.command()
@@ -278,6 +378,8 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
     """
     with _open(ctx, index_dir, encoder, weights) as idx:
         _warn_if_random(idx)
+        if idx.store.count == 0:
+            raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
         results = idx.query(list(images), k=k, include_self=include_self)

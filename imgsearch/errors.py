@@ -27,7 +27,10 @@ class UsageError(ImgsearchError):
 class UnknownEncoderError(UsageError):
     def __init__(self, name, known):
         names = ", ".join(sorted(known)) or "(none registered)"
-        super().__init__(f"unknown encoder {name!r}; registered encoders: {names}")
+        super().__init__(
+            f"unknown encoder {name!r}; registered encoders: {names} "
+            "(an encoder from a plugin file needs --plugins-dir or IMGSEARCH_PLUGINS_DIR)"
+        )
         self.name = name
         self.known = sorted(known)
 
@@ -54,3 +57,9 @@ class IndexLockedError(ImgsearchError):
 
 class NoImagesError(UsageError):
     """The given paths held no image files."""
+
+
+class Interrupted(ImgsearchError):
+    """Ctrl-C or SIGTERM during long work; what was committed stays."""
+
+    exit_code = 130

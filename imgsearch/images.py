@@ -95,6 +95,25 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
+# ISO base-media brands of image formats Pillow has no reader for.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why Pillow could not identify ``data``, as specifically as we can tell."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        kind = "AVIF" if data[8:12] in (b"avif", b"avis") else "HEIC/HEIF"
+        return f"unsupported format ({kind}; convert it to JPEG or PNG)"
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
+        return "not an image (an HTML/XML/SVG document)"
+    try:
+        data[:512].decode("utf-8")
+        return "not an image (text)"
+    except UnicodeDecodeError:
+        return "unsupported format or not an image"
+
+
 def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS):
     """Image file bytes to an upright RGB PIL image, or :class:`DecodeError`.
 
@@ -130,7 +149,7 @@ def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        raise DecodeError("not an image, or a format Pillow cannot read") from None
+        raise DecodeError(_unidentified_reason(data)) from None
     except Image.DecompressionBombError:
         raise DecodeError("image too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -17,6 +17,7 @@ The library never prints and never exits: long work reports through a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -31,9 +32,10 @@ import numpy as np
 from . import images as imgs
 from . import knn
 from .encoders import Encoder, Registry, l2_normalize, load_registry
-from .errors import ImgsearchError, IndexMismatchError, NoImagesError, UsageError, first_line
+from .errors import ImgsearchError, IndexMismatchError, Interrupted, NoImagesError, UsageError, first_line
 from .hashing import sha256_bytes
-from .store import Entry, Hit, Store
+from .store import Hit, Store
+from .sync import FileFacts, Sync
 
 DEFAULT_ENCODER = "resnet50"
 DEFAULT_COMMIT_EVERY = 1000
@@ -47,10 +49,18 @@ class AddReport:
     updated: int = 0
     unchanged: int = 0
     relabelled: int = 0
+    moved: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[imgs.Skipped] = field(default_factory=list)
     unmatched_labels: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class RemoveReport:
+    removed: int = 0      # images (and vectors) dropped
+    paths_only: int = 0   # duplicate paths forgotten; their picture stays
+    not_indexed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,20 +89,7 @@ class _Prepared:
     width: int = 0
     height: int = 0
     reason: str | None = None
-
-
-def _status(path: str, sha256: str, by_path: dict[str, Entry], by_sha: dict[str, Entry]):
-    """What adding the file at ``path`` with this content means:
-    ``(status, entry at that path, entry with that content)`` where status
-    is ``unchanged``, ``duplicate`` (content indexed under another path),
-    ``changed`` or ``new``."""
-    known = by_path.get(path)
-    if known is not None and known.sha256 == sha256:
-        return "unchanged", known, known
-    twin = by_sha.get(sha256)
-    if twin is not None and twin.path != path:
-        return "duplicate", known, twin
-    return ("changed" if known is not None else "new"), known, twin
+    unchanged: bool = False
 
 
 def read_labels_csv(path) -> dict[str, str]:
@@ -162,10 +159,11 @@ class Index:
     # -- opening ---------------------------------------------------------
     @classmethod
     def open(cls, directory, *, registry: Registry | None = None, plugins_dir=None,
-             encoder: str | None = None, weights: str | None = None) -> "Index":
-        """An existing index, for reading.  ``encoder``/``weights`` are checked
-        against what the index was built with when images are embedded."""
-        store = Store.open(directory)
+             encoder: str | None = None, weights: str | None = None, writable: bool = False) -> "Index":
+        """An existing index (``writable``: locked for this process, e.g. to
+        remove images).  ``encoder``/``weights`` are checked against what the
+        index was built with when images are first embedded."""
+        store = Store.open(directory, writable=writable)
         try:
             return cls(store, registry or load_registry(plugins_dir), wanted=(encoder, weights))
         except BaseException:
@@ -187,6 +185,7 @@ class Index:
             except BaseException:
                 store.close()
                 raise
+        Store.check_creatable(directory)
         model = registry.create(encoder or default_encoder or DEFAULT_ENCODER, weights)
         # Load before creating anything on disk: a missing download must not
         # leave an empty index behind.
@@ -255,8 +254,15 @@ class Index:
         if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
             raise UsageError("the megapixel limit must be a positive number")
         try:
-            return self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
-                             commit_every, max_megapixels, progress)
+            report = self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
+                               commit_every, max_megapixels, progress)
+            if self.store.created_here and self.store.count == 0 and report.skipped:
+                first = report.skipped[0]
+                raise ImgsearchError(
+                    f"none of the {len(report.skipped)} files could be indexed "
+                    f"(first: {first.path}: {first.reason}); no index was created"
+                )
+            return report
         except BaseException:
             if self.store.created_here and self.store.count == 0:
                 self.store.discard()
@@ -274,19 +280,18 @@ class Index:
         found = {str(f.path) for f in files}
         report.unmatched_labels = sorted(path for path in labels if path not in found)
         encoder = self.encoder
-        by_path = self.store.by_path()
-        by_sha = self.store.by_sha256()
-        entries: list[Entry] = []
-        vectors: list[np.ndarray] = []
-        removed: list[int] = []
-        relabel: dict[int, str] = {}
+        sync = Sync(self.store)
+        count_before = self.store.count
 
         def prepare(file: imgs.ImageFile, *, force: bool = False) -> _Prepared:
+            path = str(file.path)
             try:
-                data = imgs.read_bytes(file.path)
                 stat = os.stat(file.path)
+                if not force and sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime):
+                    return _Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
+                data = imgs.read_bytes(file.path)
                 sha = sha256_bytes(data)
-                if not force and _status(str(file.path), sha, by_path, by_sha)[0] in ("unchanged", "duplicate"):
+                if not force and not sync.needs_pixels(path, sha):
                     return _Prepared(file, sha, stat.st_size, stat.st_mtime)
                 image = imgs.decode(data, draft_size=encoder.preprocessing.draft_size,
                                     max_megapixels=max_megapixels)
@@ -299,66 +304,97 @@ class Index:
             except Exception as exc:  # one bad file must not stop a long run
                 return _Prepared(file, reason=f"cannot process ({type(exc).__name__}: {first_line(exc)})")
 
-        def flush():
-            if entries or removed:
-                self.store.commit(entries, np.stack(vectors) if vectors else np.empty((0, self.store.dim)),
-                                  remove=removed)
-                entries.clear(), vectors.clear(), removed.clear()
+        try:
+            self._run_batches(files, labels, batch_size, commit_every, progress, report, sync, prepare)
+        except KeyboardInterrupt:
+            # What is embedded already is worth keeping; the commit is atomic.
+            with contextlib.suppress(ImgsearchError):
+                sync.commit()
+            raise Interrupted(
+                f"interrupted: {self.store.count - count_before} new images committed in this run, "
+                f"the index holds {self.store.count}; run the same command again to resume"
+            ) from None
+        report.seconds = time.perf_counter() - started
+        return report
 
-        done = 0
+    def _run_batches(self, files, labels, batch_size, commit_every, progress, report, sync, prepare):
+        counters = {"added": "added", "changed": "updated", "unchanged": "unchanged",
+                    "relabelled": "unchanged", "moved": "moved"}
+
+        def embed(items):
+            if not items:
+                return {}
+            vectors = l2_normalize(self.encoder.embed_pixels(np.stack([i.pixels for i in items])))
+            return {id(item): vector for item, vector in zip(items, vectors)}
+
         # Pillow releases the GIL while decoding, so threads decode in parallel.
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(files), batch_size):
-                to_embed: list[tuple[Entry, np.ndarray]] = []
+                ready = []
                 for item in pool.map(prepare, files[start : start + batch_size]):
-                    path = str(item.file.path)
                     if item.reason:
                         report.skipped.append(imgs.Skipped(item.file.path, item.reason))
-                        continue
-                    status, known, twin = _status(path, item.sha256, by_path, by_sha)
-                    if status == "unchanged":
+                    elif item.unchanged:
+                        path = str(item.file.path)
                         report.unchanged += 1
-                        if path in labels and labels[path] != known.label:
-                            relabel[known.id] = labels[path]
-                        continue
-                    if status == "duplicate":
-                        report.duplicates.append((path, twin.path))
-                        if known is not None:
-                            # The path now holds another indexed picture: its
-                            # old entry is stale.
-                            removed.append(known.id)
-                            del by_path[path]
-                            by_sha.pop(known.sha256, None)
-                        continue
-                    if item.pixels is None:  # judged a duplicate in prepare, but no longer
+                        report.relabelled += sync.unchanged(path, labels.get(path))
+                    else:
+                        ready.append(item)
+                vector_of = embed([item for item in ready if item.pixels is not None])
+                for item in ready:
+                    path = str(item.file.path)
+                    if item.pixels is None and sync.needs_pixels(path, item.sha256):
+                        # Read as a copy of indexed content that an earlier
+                        # file of this batch has since replaced: embed it now.
                         item = prepare(item.file, force=True)
                         if item.reason:
                             report.skipped.append(imgs.Skipped(item.file.path, item.reason))
                             continue
-                    label = labels.get(path) or (known.label if known else item.file.label)
-                    entry = Entry(known.id if known else None, path, item.sha256, item.size,
-                                  item.mtime, label, item.width, item.height)
-                    if known is not None:
-                        by_sha.pop(known.sha256, None)
-                        report.updated += 1
+                        vector_of.update(embed([item]))
+                    facts = FileFacts(path, item.sha256, item.size, item.mtime, labels.get(path),
+                                      item.file.label, item.width, item.height)
+                    outcome = sync.add(facts, vector_of.get(id(item)))
+                    if outcome == "duplicate":
+                        report.duplicates.append((path, sync.entries[sync.alias[path].image_id].path))
                     else:
-                        report.added += 1
-                    by_path[path] = by_sha[item.sha256] = entry
-                    to_embed.append((entry, item.pixels))
-                if to_embed:
-                    batch = l2_normalize(encoder.embed_pixels(np.stack([p for _, p in to_embed])))
-                    entries.extend(entry for entry, _ in to_embed)
-                    vectors.extend(batch)
-                if len(entries) >= commit_every:
-                    flush()
-                done = min(start + batch_size, len(files))
+                        setattr(report, counters[outcome], getattr(report, counters[outcome]) + 1)
+                        report.relabelled += outcome == "relabelled"
+                if sync.pending_vectors >= commit_every:
+                    sync.commit()
                 if progress:
-                    progress(done, len(files))
-            flush()
-        if relabel:
-            self.store.relabel(relabel)
-            report.relabelled = len(relabel)
-        report.seconds = time.perf_counter() - started
+                    progress(min(start + batch_size, len(files)), len(files))
+            sync.commit()
+
+    def remove(self, paths) -> RemoveReport:
+        """Forget the given files, and every file under the given folders
+        (they need not exist any more)."""
+        if not self.store.writable:
+            raise UsageError("index opened for reading; use Index.build to remove images")
+        wanted = [os.path.abspath(p) for p in paths]
+        sync = Sync(self.store)
+        indexed = list(sync.id_of_path) + list(sync.alias)
+        doomed = sorted({path for path in indexed for w in wanted
+                         if path == w or path.startswith(w.rstrip(os.sep) + os.sep)})
+        report = RemoveReport(not_indexed=[w for w in wanted if not any(
+            d == w or d.startswith(w.rstrip(os.sep) + os.sep) for d in doomed)])
+        return self._drop(sync, doomed, report)
+
+    def prune(self) -> RemoveReport:
+        """Forget every indexed file that no longer exists."""
+        if not self.store.writable:
+            raise UsageError("index opened for reading; use Index.build to prune it")
+        sync = Sync(self.store)
+        gone = sorted(p for p in list(sync.id_of_path) + list(sync.alias) if not os.path.exists(p))
+        return self._drop(sync, gone, RemoveReport())
+
+    def _drop(self, sync: Sync, paths: list[str], report: RemoveReport) -> RemoveReport:
+        for path in paths:
+            outcome = sync.drop(path)
+            if outcome == "removed":
+                report.removed += 1
+            elif outcome in ("promoted", "unaliased"):
+                report.paths_only += 1
+        sync.commit()
         return report
 
     # -- searching -------------------------------------------------------

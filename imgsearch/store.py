@@ -2,7 +2,8 @@
 
 An index is a directory::
 
-    metadata.sqlite        rows of images, and the state (manifest, generation)
+    metadata.sqlite        rows of images, other paths of the same content
+                           (aliases), and the state (manifest, generation)
     vectors-000007.faiss   the vectors of generation 7: exact inner product
                            over L2-normalised vectors, keyed by stable ids
     manifest.json          a readable copy of the manifest
@@ -24,12 +25,13 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BadIndexError, IndexLockedError
+from .errors import BadIndexError, IndexLockedError, first_line
+from .hashing import sha256_file
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.sqlite"
@@ -37,18 +39,27 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "write.lock"
 METRIC = "inner_product"
 
+# One row per distinct content (one vector each); further paths holding the
+# same bytes are aliases of that row, so a picture is never found twice.
 _SCHEMA = """
 CREATE TABLE images (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     label TEXT,
     width INTEGER,
     height INTEGER
 );
-CREATE INDEX images_sha256 ON images (sha256);
+CREATE TABLE aliases (
+    path TEXT PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images (id),
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    label TEXT
+);
+CREATE INDEX aliases_image ON aliases (image_id);
 CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _COLUMNS = "id, path, sha256, size, mtime, label, width, height"
@@ -69,9 +80,49 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Alias:
+    """Another path whose file has the same content as image ``image_id``."""
+
+    path: str
+    image_id: int
+    size: int
+    mtime: float
+    label: str | None
+
+
+@dataclass(frozen=True)
 class Hit:
     entry: Entry
     score: float
+    also_at: tuple[str, ...] = ()
+
+
+@dataclass
+class Changes:
+    """The work of one commit.
+
+    ``added`` are new images, with ids the caller took from
+    :attr:`Store.next_id` upwards; ``replaced`` are existing ids with new
+    content.  Both come with one vector each, in that order, in ``vectors``.
+    ``updated`` entries change metadata only (a moved file, a label, a
+    refreshed mtime).  ``removed`` ids lose their vector, row and aliases.
+    """
+
+    added: list[Entry] = field(default_factory=list)
+    replaced: list[Entry] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    updated: list[Entry] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    aliases: list[Alias] = field(default_factory=list)
+    unaliased: list[str] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> list[Entry]:
+        return self.added + self.replaced
+
+    def __len__(self) -> int:
+        return (len(self.added) + len(self.replaced) + len(self.updated) + len(self.removed)
+                + len(self.aliases) + len(self.unaliased))
 
 
 def _now() -> str:
@@ -101,6 +152,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _new_faiss(dim: int):
     import faiss
 
@@ -110,7 +165,8 @@ def _new_faiss(dim: int):
 class Store:
     """An open index directory.  Use :meth:`create` or :meth:`open`."""
 
-    def __init__(self, directory: Path, connection: sqlite3.Connection, writable: bool):
+    def __init__(self, directory: Path, connection: sqlite3.Connection, writable: bool,
+                 check_manifest: bool = True):
         self.directory = directory
         self._db = connection
         self.writable = writable
@@ -123,6 +179,8 @@ class Store:
             self._acquire_lock()
         try:
             self._load_state()
+            if check_manifest:
+                self._check_manifest_copy()
             if writable:
                 self._remove_leftovers()
         except BaseException:
@@ -134,9 +192,10 @@ class Store:
     def exists(directory) -> bool:
         return (Path(directory) / METADATA_FILE).is_file()
 
-    @classmethod
-    def create(cls, directory, *, encoder: dict, dim: int) -> "Store":
-        """A new, empty index.  The folder must not exist or be empty."""
+    @staticmethod
+    def check_creatable(directory) -> None:
+        """Raise unless a new index may be made at ``directory`` (it does not
+        exist, or is an empty folder)."""
         directory = Path(directory)
         if directory.exists():
             if not directory.is_dir():
@@ -145,6 +204,12 @@ class Store:
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
+
+    @classmethod
+    def create(cls, directory, *, encoder: dict, dim: int) -> "Store":
+        """A new, empty index.  The folder must not exist or be empty."""
+        directory = Path(directory)
+        cls.check_creatable(directory)
         made_folder = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -172,17 +237,17 @@ class Store:
                 [("manifest", json.dumps(manifest)), ("next_id", "1")],
             )
         db.close()
+        _write_atomic(directory / MANIFEST_FILE, _manifest_bytes(manifest))
         # The metadata file appears whole or not at all, so a crash here never
         # leaves a folder that looks like an index but is not one.
         os.replace(tmp, directory / METADATA_FILE)
         _fsync_dir(directory)
         store = cls.open(directory, writable=True)
         store.created_here, store._made_folder = True, made_folder
-        store._write_manifest_copy()
         return store
 
     @classmethod
-    def open(cls, directory, *, writable: bool = False) -> "Store":
+    def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
         directory = Path(directory)
         if not directory.exists():
             raise BadIndexError(f"no index at {directory} (create one with 'imgsearch index')")
@@ -199,7 +264,7 @@ class Store:
             db.execute("SELECT count(*) FROM images").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
-        return cls(directory, db, writable)
+        return cls(directory, db, writable, check_manifest)
 
     def close(self) -> None:
         self._db.close()
@@ -266,6 +331,89 @@ class Store:
                         f"{self.manifest.get('vectors_file')} is missing"
                     ) from None
 
+    def _read_manifest_copy(self) -> dict:
+        try:
+            copy = json.loads((self.directory / MANIFEST_FILE).read_text())
+            int(copy["generation"])
+            return copy
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BadIndexError(
+                f"{MANIFEST_FILE} of index {self.directory} is missing or damaged ({first_line(exc)}); "
+                f"'imgsearch verify --index {self.directory} --repair' rewrites it from the metadata"
+            ) from None
+
+    def _check_manifest_copy(self) -> None:
+        copy = self._read_manifest_copy()
+        ours = int(self.manifest["generation"])
+        if int(copy["generation"]) > ours or copy.get("created") != self.manifest.get("created"):
+            raise BadIndexError(
+                f"{MANIFEST_FILE} of index {self.directory} does not belong to its metadata; "
+                f"'imgsearch verify --index {self.directory}' shows the details"
+            )
+        if int(copy["generation"]) < ours and self.writable:
+            # A crash between a commit and rewriting the copy: ours to finish.
+            self._write_manifest_copy()
+
+    def repair_manifest_copy(self) -> None:
+        """Rewrite manifest.json from the metadata (the lock is held)."""
+        if not self.writable:
+            raise RuntimeError("store opened read-only")
+        self._write_manifest_copy()
+
+    def verify(self, *, check_files: bool = True) -> tuple[list[str], list[str]]:
+        """Problems (the index is damaged) and notes (worth knowing) found by
+        checking the metadata, the vectors and the manifest against each other."""
+        import faiss
+
+        problems, notes = [], []
+        manifest = self.manifest
+        db_check = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        if db_check != "ok":
+            problems.append(f"SQLite integrity check: {db_check}")
+        rows = self._entries()
+        ids = {e.id for e in rows}
+        if len(rows) != self._faiss.ntotal or manifest.get("count") != len(rows):
+            problems.append(f"counts differ: {len(rows)} metadata rows, {self._faiss.ntotal} vectors, "
+                            f"manifest count {manifest.get('count')}")
+        if self._faiss.d != self.dim:
+            problems.append(f"vectors have dimension {self._faiss.d}, manifest says {self.dim}")
+        if self._faiss.ntotal:
+            vector_ids = set(faiss.vector_to_array(self._faiss.id_map).tolist())
+            if vector_ids != ids:
+                problems.append(f"ids differ: {len(vector_ids - ids)} vectors without a row, "
+                                f"{len(ids - vector_ids)} rows without a vector")
+            norms = np.linalg.norm(self.vectors(sorted(ids & vector_ids)), axis=1)
+            bad = int(np.sum((np.abs(norms - 1) > 1e-3) & (norms > 0)))
+            if bad:
+                problems.append(f"{bad} vectors are not unit length")
+        if ids and max(ids) >= self._next_id:
+            problems.append(f"next id {self._next_id} is not above the largest id {max(ids)}")
+        name = manifest.get("vectors_file")
+        if name and manifest.get("vectors_sha256"):
+            if sha256_file(self.directory / name) != manifest["vectors_sha256"]:
+                problems.append(f"{name} does not match the checksum recorded when it was written")
+        aliases = self.aliases()
+        orphans = [a.path for a in aliases if a.image_id not in ids]
+        if orphans:
+            problems.append(f"{len(orphans)} duplicate paths point to no image (first: {orphans[0]})")
+        try:
+            copy = self._read_manifest_copy()
+            if {k: copy.get(k) for k in manifest} != manifest:
+                problems.append(f"{MANIFEST_FILE} differs from the manifest in the metadata")
+        except BadIndexError as exc:
+            problems.append(str(exc))
+        strays = [p.name for p in self.directory.glob("vectors-*") if p.name != name]
+        strays += [p.name for p in self.directory.glob("*.tmp")]
+        if strays:
+            notes.append(f"files left by an unfinished commit (removed by the next write): {', '.join(sorted(strays))}")
+        if check_files:
+            gone = [e.path for e in rows if not os.path.exists(e.path)] + \
+                   [a.path for a in aliases if not os.path.exists(a.path)]
+            if gone:
+                notes.append(f"{len(gone)} indexed files no longer exist (first: {gone[0]}); "
+                             "'imgsearch index ... --prune' forgets them")
+        return problems, notes
+
     def _remove_leftovers(self) -> None:
         """Files of commits that never finished (the lock is held)."""
         current = self.manifest.get("vectors_file")
@@ -318,6 +466,10 @@ class Store:
     def by_sha256(self) -> dict[str, Entry]:
         return {entry.sha256: entry for entry in self._entries()}
 
+    def aliases(self) -> list[Alias]:
+        rows = self._db.execute("SELECT path, image_id, size, mtime, label FROM aliases ORDER BY path")
+        return [Alias(*row) for row in rows]
+
     def labels(self) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT label, count(*) FROM images WHERE label IS NOT NULL GROUP BY label ORDER BY label"
@@ -343,98 +495,122 @@ class Store:
             marks = ",".join("?" * len(chunk))
             for entry in self._entries(f"WHERE id IN ({marks})", chunk):
                 rows[entry.id] = entry
+        also: dict[int, list[str]] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for path, image_id in self._db.execute(
+                f"SELECT path, image_id FROM aliases WHERE image_id IN ({marks}) ORDER BY path", chunk
+            ):
+                also.setdefault(image_id, []).append(path)
         results = []
         for row_scores, row_ids in zip(scores, ids):
             # FAISS pads with id -1 when it has fewer than k vectors.
-            results.append(
-                [Hit(rows[int(i)], float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in rows]
-            )
+            results.append([
+                Hit(rows[int(i)], float(s), tuple(also.get(int(i), ())))
+                for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in rows
+            ])
         return results
 
     # -- writing ---------------------------------------------------------
-    def commit(self, entries: list[Entry], vectors: np.ndarray, remove: list[int] = ()) -> list[int]:
-        """Add or replace entries with their (normalised) vectors and drop the
-        ids in ``remove``, all in one atomic step.
+    @property
+    def next_id(self) -> int:
+        """The first id never used in this index (ids are never reused)."""
+        return self._next_id
 
-        An entry whose ``id`` is set replaces that id's row and vector (its
-        file changed); one without gets a new id.  Returns the entries' ids.
+    def commit(self, changes: Changes) -> None:
+        """Apply ``changes`` atomically.
+
+        Only a commit that adds or removes vectors writes a new vectors file;
+        metadata-only changes are one SQLite transaction.
         """
         if not self.writable:
             raise RuntimeError("store opened read-only")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if not len(entries):
-            vectors = vectors.reshape(0, self.dim)
+        entries = changes.embedded
+        vectors = np.ascontiguousarray(changes.vectors if entries else np.empty((0, self.dim)), dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(entries), self.dim):
             raise ValueError(f"expected vectors of shape {(len(entries), self.dim)}, not {vectors.shape}")
-        if not entries and not len(remove):
-            return []
-        ids = []
-        next_id = self._next_id
-        for entry in entries:
-            if entry.id is None:
-                ids.append(next_id)
-                next_id += 1
-            else:
-                ids.append(int(entry.id))
-        dropped = np.asarray(
-            [e.id for e in entries if e.id is not None] + [int(i) for i in remove], dtype=np.int64
-        )
+        if not len(changes):
+            return
+        ids = [int(e.id) for e in entries]
+        new_ids = [int(e.id) for e in changes.added]
+        if len(set(new_ids)) != len(new_ids) or any(i < self._next_id for i in new_ids):
+            raise ValueError("new entries need unused ids from Store.next_id upwards")
+        next_id = max(new_ids, default=self._next_id - 1) + 1
 
-        import faiss
+        updated_index, name = self._faiss, self.manifest.get("vectors_file")
+        generation = int(self.manifest["generation"])
+        if entries or changes.removed:
+            import faiss
 
-        updated = faiss.clone_index(self._faiss)
-        if len(dropped):
-            updated.remove_ids(dropped)
-        if ids:
-            updated.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
-
-        generation = int(self.manifest["generation"]) + 1
-        name = _vectors_name(generation)
-        self._write_vectors(updated, name)
-        manifest = dict(self.manifest, count=int(updated.ntotal), generation=generation,
-                        vectors_file=name, updated=_now())
+            dropped = [int(e.id) for e in changes.replaced] + [int(i) for i in changes.removed]
+            updated_index = faiss.clone_index(self._faiss)
+            if dropped:
+                updated_index.remove_ids(np.asarray(dropped, dtype=np.int64))
+            if ids:
+                updated_index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+            generation += 1
+            name = _vectors_name(generation)
+            checksum = self._write_vectors(updated_index, name)
+        else:
+            checksum = self.manifest.get("vectors_sha256")
+        manifest = dict(self.manifest, count=int(updated_index.ntotal), generation=generation,
+                        vectors_file=name, vectors_sha256=checksum, updated=_now())
+        new_file = name != self.manifest.get("vectors_file")
         try:
             with self._db:
-                if len(remove):
-                    self._db.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in remove])
-                self._db.executemany(
-                    f"INSERT OR REPLACE INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (i, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height)
-                        for i, e in zip(ids, entries)
-                    ],
-                )
+                self._apply_rows(changes)
                 self._db.executemany(
                     "UPDATE state SET value = ? WHERE key = ?",
                     [(json.dumps(manifest), "manifest"), (str(next_id), "next_id")],
                 )
                 count = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
-                if count != updated.ntotal:
+                if count != updated_index.ntotal:
                     raise BadIndexError(
-                        f"refusing to commit: {count} metadata rows but {updated.ntotal} vectors"
+                        f"refusing to commit: {count} metadata rows but {updated_index.ntotal} vectors"
                     )
         except BaseException as exc:
-            (self.directory / name).unlink(missing_ok=True)
+            if new_file:
+                (self.directory / name).unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise BadIndexError(f"refusing to commit inconsistent metadata ({exc}); the index is unchanged") from None
             if isinstance(exc, sqlite3.OperationalError):
-                raise BadIndexError(
-                    f"cannot write index {self.directory} ({exc}); it is unchanged"
-                ) from None
+                raise BadIndexError(f"cannot write index {self.directory} ({exc}); it is unchanged") from None
             raise
         old = self.manifest.get("vectors_file")
-        self.manifest, self._faiss, self._next_id = manifest, updated, next_id
+        self.manifest, self._faiss, self._next_id = manifest, updated_index, next_id
         # From here the commit stands; the rest only tidies up.
         with contextlib.suppress(OSError):
             self._write_manifest_copy()
-            if old:
+            if old and new_file:
                 (self.directory / old).unlink(missing_ok=True)
-        return ids
 
-    def relabel(self, labels: dict[int, str | None]) -> None:
-        """Change the labels of existing entries (metadata only)."""
-        if labels:
-            with self._db:
-                self._db.executemany("UPDATE images SET label = ? WHERE id = ?",
-                                     [(label, int(i)) for i, label in labels.items()])
+    def _apply_rows(self, changes: Changes) -> None:
+        db = self._db
+        for image_id in changes.removed:
+            db.execute("DELETE FROM aliases WHERE image_id = ?", (int(image_id),))
+            db.execute("DELETE FROM images WHERE id = ?", (int(image_id),))
+        db.executemany("DELETE FROM aliases WHERE path = ?", [(p,) for p in changes.unaliased])
+        db.executemany(
+            f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.id, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height) for e in changes.added],
+        )
+        rewritten = changes.replaced + changes.updated
+        db.executemany(
+            "UPDATE images SET path = ?, sha256 = ?, size = ?, mtime = ?, label = ?, width = ?, height = ? "
+            "WHERE id = ?",
+            [(e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height, int(e.id)) for e in rewritten],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO aliases (path, image_id, size, mtime, label) VALUES (?, ?, ?, ?, ?)",
+            [(a.path, int(a.image_id), a.size, a.mtime, a.label) for a in changes.aliases],
+        )
+        clash = db.execute("SELECT a.path FROM aliases a JOIN images i ON a.path = i.path LIMIT 1").fetchone()
+        orphan = db.execute(
+            "SELECT a.path FROM aliases a LEFT JOIN images i ON a.image_id = i.id WHERE i.id IS NULL LIMIT 1"
+        ).fetchone()
+        if clash or orphan:
+            raise sqlite3.IntegrityError(f"alias {(clash or orphan)[0]} is inconsistent")
 
     def discard(self) -> None:
         """Remove an index this process created and never committed to."""
@@ -447,8 +623,9 @@ class Store:
             with contextlib.suppress(OSError):
                 self.directory.rmdir()
 
-    def _write_vectors(self, index, name: str) -> None:
-        """Write a vectors file whole or not at all, with a clear error."""
+    def _write_vectors(self, index, name: str) -> str:
+        """Write a vectors file whole or not at all, with a clear error;
+        returns its SHA-256 (which `verify` checks)."""
         import faiss
 
         tmp = self.directory / (name + ".tmp")
@@ -456,6 +633,7 @@ class Store:
             faiss.write_index(index, str(tmp))
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            checksum = sha256_file(tmp)
             os.replace(tmp, self.directory / name)
             _fsync_dir(self.directory)
         except (RuntimeError, OSError) as exc:
@@ -464,9 +642,7 @@ class Store:
             raise BadIndexError(
                 f"cannot write index file {tmp.name} in {self.directory} ({reason}); the index is unchanged"
             ) from None
+        return checksum
 
     def _write_manifest_copy(self) -> None:
-        _write_atomic(
-            self.directory / MANIFEST_FILE,
-            (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode(),
-        )
+        _write_atomic(self.directory / MANIFEST_FILE, _manifest_bytes(self.manifest))

@@ -48,12 +48,12 @@ def test_index_summary_and_rerun_adds_nothing(tmp_path):
     target = tmp_path / "ix"
     first = run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color", "--batch-size", "7")
     assert re.fullmatch(
-        rf"added 50, updated 0, unchanged 0, duplicates 0, skipped 0 in [0-9.]+ s; {re.escape(str(target))} holds 50 images\n",
+        rf"added 50, updated 0, moved 0, unchanged 0, duplicates 0, skipped 0 in [0-9.]+ s; {re.escape(str(target))} holds 50 images\n",
         first.stdout,
     )
     assert "encoder: tiny-color (48-d)" in first.stderr
     again = run("index", SAMPLE_DATA / "labelled", "--index", target)
-    assert again.stdout.startswith("added 0, updated 0, unchanged 50, duplicates 0, skipped 0 ")
+    assert again.stdout.startswith("added 0, updated 0, moved 0, unchanged 50, duplicates 0, skipped 0 ")
 
 
 def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
@@ -71,7 +71,7 @@ def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
     shutil.copy(church[2], labelled_copy / "church" / "copy.jpg")      # duplicate content
     (labelled_copy / "church" / "broken.jpg").write_bytes(b"not a jpeg")
     result = run("index", labelled_copy, "--index", target)
-    assert result.stdout.splitlines()[0].startswith("added 0, updated 1, unchanged 49, duplicates 1, skipped 1 ")
+    assert result.stdout.splitlines()[0].startswith("added 0, updated 1, moved 0, unchanged 49, duplicates 1, skipped 1 ")
     assert f"duplicate: {labelled_copy / 'church' / 'copy.jpg'} (same content as {church[2]})" in result.stdout
     assert f"skipped: {labelled_copy / 'church' / 'broken.jpg'}: not an image" in result.stdout
     info_after = json.loads(run("info", "--index", target, "--format", "json").stdout)
@@ -251,7 +251,7 @@ def test_bad_numbers_and_unwritable_places(tmp_path, index_dir):
 def test_paths_are_normalised(index_dir):
     odd = SAMPLE_DATA / "labelled" / ".." / "labelled" / "tench"
     result = run("index", odd, "--index", index_dir)
-    assert result.stdout.startswith("added 0, updated 0, unchanged 10, duplicates 0, skipped 0 ")
+    assert result.stdout.startswith("added 0, updated 0, moved 0, unchanged 10, duplicates 0, skipped 0 ")
 
 
 def test_labels_csv_relabels_indexed_images_and_warns_about_unknown_rows(tmp_path):
@@ -263,7 +263,7 @@ def test_labels_csv_relabels_indexed_images_and_warns_about_unknown_rows(tmp_pat
     labels.write_text("\ufeffpath,label\n" + "".join(f"{p},fish\n" for p in photos) + "gone.jpg,x\n", encoding="utf-8")
     result = run("index", *photos, "--index", target, "--labels", labels)
     assert "relabelled 3 indexed images" in result.stdout
-    assert f"warning: 1 rows of {labels} name no image found here (first: {tmp_path / 'gone.jpg'})" in result.stderr
+    assert f"warning: 1 row of {labels} name no image found here (first: {tmp_path / 'gone.jpg'})" in result.stderr
     assert json.loads(run("info", "--index", target, "--format", "json").stdout)["labels"] == {"fish": 3}
 
 
@@ -273,7 +273,7 @@ def test_a_file_changed_into_a_copy_of_another_loses_its_stale_entry(tmp_path, l
     church = sorted((labelled_copy / "church").iterdir())
     shutil.copy(church[1], church[0])
     result = run("index", labelled_copy, "--index", target)
-    assert result.stdout.startswith("added 0, updated 0, unchanged 49, duplicates 1, skipped 0 ")
+    assert result.stdout.startswith("added 0, updated 0, moved 0, unchanged 49, duplicates 1, skipped 0 ")
     from imgsearch.store import Store
 
     with Store.open(target) as store:
@@ -299,3 +299,30 @@ def test_a_very_thin_panorama_is_indexed(tmp_path):
     Image.new("RGB", (20000, 3), (200, 10, 10)).save(tmp_path / "strip.png")
     result = run("index", tmp_path / "strip.png", "--index", tmp_path / "ix", "--encoder", "tiny-color")
     assert result.stdout.startswith("added 1,")
+
+
+def test_a_first_run_where_every_file_is_bad_creates_no_index(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    err = run("index", tmp_path / "bad.jpg", "--index", tmp_path / "ix", "--encoder", "tiny-color", code=1).stderr
+    assert "none of the 1 files could be indexed" in err and "empty file" in err
+    assert not (tmp_path / "ix").exists()
+
+
+def test_output_into_a_closed_pipe_is_quiet(index_dir):
+    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
+    # far more output than a pipe buffers, so the writer meets the closed pipe
+    queries = " ".join([f"'{QUERY}'"] * 300)
+    done = subprocess.run(f"'{exe}' --plugins-dir '{PLUGINS_DIR}' query {queries} --index '{index_dir}' "
+                          f"-k 50 --format json | head -c 1", shell=True, capture_output=True, text=True)
+    assert done.stderr == "" and done.stdout == "{"
+
+
+def test_an_occupied_folder_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import imgsearch_resnet50
+
+    def no_download(self):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(imgsearch_resnet50.ResNet50Encoder, "load", no_download)
+    err = run("index", SAMPLE_DATA / "queries", "--index", SAMPLE_DATA, code=1).stderr
+    assert "not an imgsearch index and not empty" in err

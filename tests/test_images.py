@@ -83,9 +83,10 @@ def test_draft_mode_decodes_large_jpegs_smaller_but_not_below_the_asked_size(pho
     "data, reason",
     [
         (b"", "empty file"),
-        (b"hello, I am text\n" * 20, "not an image"),
-        (b"<html><body>nope</body></html>", "not an image"),
-        (np.random.default_rng(0).bytes(5000), "not an image"),
+        (b"hello, I am text\n" * 20, r"not an image \(text\)"),
+        (b"<html><body>nope</body></html>", r"not an image \(an HTML"),
+        (np.random.default_rng(0).bytes(5000), "unsupported format or not an image"),
+        (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(200), r"unsupported format \(HEIC/HEIF"),
     ],
 )
 def test_not_images_are_refused_with_a_reason(data, reason):

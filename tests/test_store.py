@@ -7,19 +7,24 @@ import pytest
 
 from imgsearch.encoders import l2_normalize
 from imgsearch.errors import BadIndexError, IndexLockedError
-from imgsearch.store import MANIFEST_FILE, Entry, Store
+from imgsearch.store import MANIFEST_FILE, Alias, Changes, Entry, Store
 
 DIM = 64
 
 
-def _entries(n, start=0):
-    return [Entry(None, f"/photos/{i}.jpg", f"sha{i}", 1000 + i, 1.5 * i, f"class{i % 3}", 224, 224)
-            for i in range(start, start + n)]
+def _entries(store, n, start=0):
+    """``n`` new entries with the next free ids."""
+    return [Entry(store.next_id + i, f"/photos/{start + i}.jpg", f"sha{start + i}", 1000 + i, 1.5 * i,
+                  f"class{(start + i) % 3}", 224, 224) for i in range(n)]
+
+
+def _add(store, vectors, start=0):
+    store.commit(Changes(added=_entries(store, len(vectors), start), vectors=list(vectors)))
 
 
 def _store(tmp_path, vectors):
     store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
-    store.commit(_entries(len(vectors)), vectors)
+    _add(store, vectors)
     return store
 
 
@@ -73,9 +78,10 @@ def test_replacing_an_entry_keeps_its_id_and_never_renumbers(tmp_path):
     old = store.entries()[1]
     new_vector = l2_normalize(rng.standard_normal((1, DIM)))
     changed = Entry(old.id, old.path, "newsha", 5, 9.0, "relabelled", 10, 10)
-    more = _entries(1, start=10)
-    ids = store.commit([changed, *more], np.concatenate([new_vector, l2_normalize(rng.standard_normal((1, DIM)))]))
-    assert ids == [old.id, 4]
+    more = _entries(store, 1, start=10)
+    store.commit(Changes(added=more, replaced=[changed],
+                         vectors=[*l2_normalize(rng.standard_normal((1, DIM))), *new_vector]))
+    assert more[0].id == 4
     assert store.count == 4
     assert [e.id for e in store.entries()] == [1, 2, 3, 4]
     assert store.by_path()[old.path].sha256 == "newsha"
@@ -86,9 +92,9 @@ def test_failed_commit_leaves_the_previous_state(tmp_path):
     rng = np.random.default_rng(4)
     store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
     before = sorted(p.name for p in (tmp_path / "ix").iterdir())
-    clash = Entry(None, store.entries()[0].path, "x", 1, 1.0, None, 1, 1)  # path already taken by id 1
-    with pytest.raises(BadIndexError):
-        store.commit([clash], l2_normalize(rng.standard_normal((1, DIM))))
+    clash = Entry(store.next_id, store.entries()[0].path, "x", 1, 1.0, None, 1, 1)  # path taken by id 1
+    with pytest.raises(BadIndexError, match="inconsistent"):
+        store.commit(Changes(added=[clash], vectors=list(l2_normalize(rng.standard_normal((1, DIM))))))
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
     store.close()
     assert Store.open(tmp_path / "ix").count == 3
@@ -156,7 +162,7 @@ def test_a_failed_vectors_write_leaves_the_index_as_it_was(tmp_path, monkeypatch
 
     monkeypatch.setattr(faiss, "write_index", full_disk)
     with pytest.raises(BadIndexError, match="No space left on device.*the index is unchanged"):
-        store.commit(_entries(2, start=50), l2_normalize(rng.standard_normal((2, DIM))))
+        _add(store, l2_normalize(rng.standard_normal((2, DIM))), start=50)
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
     store.close()
     monkeypatch.undo()
@@ -196,7 +202,37 @@ def test_a_reader_retries_when_a_commit_replaced_its_generation(tmp_path, monkey
 def test_removing_entries(tmp_path):
     rng = np.random.default_rng(10)
     store = _store(tmp_path, l2_normalize(rng.standard_normal((4, DIM))))
-    store.commit([], np.empty((0, DIM), np.float32), remove=[2, 3])
+    store.commit(Changes(removed=[2, 3]))
     assert [e.id for e in store.entries()] == [1, 4] and store.count == 2
-    store.commit(_entries(1, start=20), l2_normalize(rng.standard_normal((1, DIM))))
+    _add(store, l2_normalize(rng.standard_normal((1, DIM))), start=20)
     assert [e.id for e in store.entries()] == [1, 4, 5]  # removed ids are never reused
+    with pytest.raises(ValueError, match="unused ids"):
+        store.commit(Changes(added=[Entry(2, "/x.jpg", "shax", 1, 1.0, None, 1, 1)],
+                             vectors=list(l2_normalize(rng.standard_normal((1, DIM))))))
+
+
+def test_aliases_follow_their_image_and_are_returned_with_it(tmp_path):
+    rng = np.random.default_rng(11)
+    vectors = l2_normalize(rng.standard_normal((3, DIM)))
+    store = _store(tmp_path, vectors)
+    store.commit(Changes(aliases=[Alias("/copies/a.jpg", 2, 1, 1.0, None), Alias("/copies/b.jpg", 2, 1, 1.0, "x")]))
+    hits = store.search(vectors[1:2], 1)[0]
+    assert hits[0].entry.id == 2 and hits[0].also_at == ("/copies/a.jpg", "/copies/b.jpg")
+    assert store.search(vectors[0:1], 1)[0][0].also_at == ()
+    with pytest.raises(BadIndexError, match="inconsistent"):
+        store.commit(Changes(aliases=[Alias("/copies/c.jpg", 99, 1, 1.0, None)]))  # no image 99
+    with pytest.raises(BadIndexError, match="inconsistent"):
+        store.commit(Changes(aliases=[Alias(store.entries()[0].path, 2, 1, 1.0, None)]))  # a primary path
+    store.commit(Changes(removed=[2]))
+    assert store.aliases() == [] and store.count == 2
+
+
+def test_metadata_only_changes_write_no_new_vectors_file(tmp_path):
+    store = _store(tmp_path, l2_normalize(np.random.default_rng(12).standard_normal((2, DIM))))
+    before = store.manifest["vectors_file"]
+    moved = Entry(**{**store.entries()[0].__dict__, "path": "/elsewhere/0.jpg", "label": "new"})
+    store.commit(Changes(updated=[moved]))
+    assert store.manifest["vectors_file"] == before
+    store.close()
+    reopened = Store.open(tmp_path / "ix")
+    assert reopened.by_path()["/elsewhere/0.jpg"].label == "new"

@@ -7,7 +7,9 @@ TensorFlow is imported only in :meth:`ResNet50Encoder.load`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +107,13 @@ class ResNet50Encoder(Encoder):
         keras = import_keras()
 
         try:
-            return Path(
-                keras.utils.get_file(
-                    WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models", file_hash=WEIGHTS_MD5
+            # Keras reports the download on stdout, which belongs to results.
+            with contextlib.redirect_stdout(sys.stderr):
+                return Path(
+                    keras.utils.get_file(
+                        WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models", file_hash=WEIGHTS_MD5
+                    )
                 )
-            )
         except Exception as exc:
             raise WeightsError(
                 f"could not download the ResNet50 ImageNet weights {WEIGHTS_FILE} ({first_line(exc)}); "
