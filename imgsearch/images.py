@@ -34,13 +34,28 @@ class DecodeError(Exception):
     """A file that cannot become an image; the message is the skip reason."""
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` (which is not a regular file) cannot be indexed."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if path.is_symlink():
+            return f"broken symbolic link ({exc.strerror or exc})"
+        if isinstance(exc, PermissionError):
+            return "permission denied"
+        return "no such file or folder"
+    return "not a regular file"
+
+
 def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
     """Every image file named in or below ``paths``, in a stable order.
 
     A file given by name is taken whatever its suffix (the decoder decides);
     inside folders only known image suffixes are taken.  An image that sits in
     a sub-folder of a given folder is labelled with its parent folder's name
-    (``root/<label>/photo.jpg``).
+    (``root/<label>/photo.jpg``).  Links to folders are not followed, so a
+    link loop is walked once; broken links and unreadable folders are skipped
+    with a reason.
     """
     found: list[ImageFile] = []
     skipped: list[Skipped] = []
@@ -51,22 +66,35 @@ def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
             seen.add(path)
             found.append(ImageFile(path, label))
 
+    def skip(path: Path, reason: str):
+        if path not in seen:
+            seen.add(path)
+            skipped.append(Skipped(path, reason))
+
+    def unreadable(exc: OSError):
+        skip(Path(exc.filename), "permission denied" if isinstance(exc, PermissionError)
+             else f"cannot read folder ({exc.strerror or exc})")
+
     for given in paths:
         # Absolute and without '..', so one file always has one path.
         root = Path(os.path.abspath(given))
         if root.is_file():
             add(root, None)
         elif root.is_dir():
-            for folder, dirs, files in os.walk(root, onerror=None):
+            for folder, dirs, files in os.walk(root, onerror=unreadable):
                 dirs.sort()
                 folder_path = Path(folder)
                 label = folder_path.name if folder_path != root else None
                 for name in sorted(files):
                     path = folder_path / name
-                    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    if path.suffix.lower() not in IMAGE_SUFFIXES:
+                        continue
+                    if path.is_file():
                         add(path, label)
+                    else:  # a broken link, a pipe, a device: never opened
+                        skip(path, _not_a_file(path))
         else:
-            skipped.append(Skipped(root, "no such file or folder"))
+            skip(root, _not_a_file(root))
     return found, skipped
 
 
@@ -151,7 +179,10 @@ def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_
     except UnidentifiedImageError:
         raise DecodeError(_unidentified_reason(data)) from None
     except Image.DecompressionBombError:
-        raise DecodeError("image too large (decompression bomb guard)") from None
+        raise DecodeError(
+            f"image too large (over {2 * max_megapixels:g} megapixels; limit {max_megapixels:g}, "
+            "see --max-megapixels)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image data ({first_line(exc)})") from None
     except MemoryError:

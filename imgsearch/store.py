@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,10 @@ CREATE INDEX aliases_image ON aliases (image_id);
 CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _COLUMNS = "id, path, sha256, size, mtime, label, width, height"
+# What a creation killed before its metadata file appeared can leave behind.
+_CREATION_LEFTOVERS = frozenset({
+    MANIFEST_FILE, MANIFEST_FILE + ".tmp", METADATA_FILE + ".new", METADATA_FILE + ".new-journal",
+})
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them.
+
+    A commit interrupted between SQLite's commit and the bookkeeping after it
+    would believe it failed and remove the vectors file it had just made
+    current; the signal is only postponed by the milliseconds a commit takes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
@@ -200,7 +229,7 @@ class Store:
         if directory.exists():
             if not directory.is_dir():
                 raise BadIndexError(f"{directory} exists and is not a folder")
-            if any(directory.iterdir()):
+            if any(p.name not in _CREATION_LEFTOVERS for p in directory.iterdir()):
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
@@ -213,10 +242,11 @@ class Store:
         made_folder = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / (METADATA_FILE + ".new")
-            tmp.unlink(missing_ok=True)
         except OSError as exc:
             raise BadIndexError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
+        for leftover in _CREATION_LEFTOVERS:  # of an earlier creation that was killed
+            (directory / leftover).unlink(missing_ok=True)
+        tmp = directory / (METADATA_FILE + ".new")
         db = sqlite3.connect(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -298,7 +328,7 @@ class Store:
             ) from None
         self._lock_handle = handle
 
-    def _load_state(self, attempts: int = 3) -> None:
+    def _load_state(self, attempts: int = 10) -> None:
         for attempt in range(attempts):
             try:
                 # One read transaction: the state and the row count belong to
@@ -325,6 +355,7 @@ class Store:
             except FileNotFoundError:
                 # A writer committed and removed the generation we were about
                 # to read; the next read sees the new one.
+                time.sleep(0.01 * attempt)
                 if attempt == attempts - 1:
                     raise BadIndexError(
                         f"index {self.directory} is damaged: its vectors file "
@@ -524,6 +555,10 @@ class Store:
         Only a commit that adds or removes vectors writes a new vectors file;
         metadata-only changes are one SQLite transaction.
         """
+        with deferred_signals():
+            self._commit(changes)
+
+    def _commit(self, changes: Changes) -> None:
         if not self.writable:
             raise RuntimeError("store opened read-only")
         entries = changes.embedded

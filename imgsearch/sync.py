@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .store import Alias, Changes, Entry, Store
+from .store import Alias, Changes, Entry, Store, deferred_signals
 
 
 @dataclass(frozen=True)
@@ -213,13 +213,16 @@ class Sync:
             return
         added = list(self._added.values())
         replaced = list(self._replaced.values())
-        self.store.commit(Changes(
-            added=[e for e, _ in added],
-            replaced=[e for e, _ in replaced],
-            vectors=[v for _, v in added + replaced],
-            updated=list(self._updated.values()),
-            removed=sorted(self._removed),
-            aliases=list(self._alias_put.values()),
-            unaliased=sorted(self._alias_del),
-        ))
-        self._reset()
+        # Ctrl-C must not fall between the store's commit and forgetting what
+        # it committed, or the same changes would be applied twice.
+        with deferred_signals():
+            self.store.commit(Changes(
+                added=[e for e, _ in added],
+                replaced=[e for e, _ in replaced],
+                vectors=[v for _, v in added + replaced],
+                updated=list(self._updated.values()),
+                removed=sorted(self._removed),
+                aliases=list(self._alias_put.values()),
+                unaliased=sorted(self._alias_del),
+            ))
+            self._reset()

@@ -1,0 +1,172 @@
+"""Kill a real `imgsearch index` with SIGKILL at many moments, including in
+the middle of writing a commit, and check that the index always opens with
+FAISS and the metadata in agreement, and that a re-run resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsearch.store import Store
+
+pytestmark = pytest.mark.slow
+
+# A test encoder with wide vectors, so that each commit writes a few
+# megabytes and a kill can land inside the write. It logs every batch it
+# embeds, which is how the test counts work done twice.
+WIDE_PLUGIN = '''
+import os
+import numpy as np
+from imgsearch import Encoder, Preprocessing, WeightsStatus
+
+_PROJECTION = np.random.default_rng(0).standard_normal((48, 4096)).astype(np.float32)
+
+
+class Wide(Encoder):
+    name = "wide-test"
+    dim = 4096
+    preprocessing = Preprocessing(input_size=32, resize="stretch")
+    default_weights = "builtin"
+    batch_size = 5
+
+    def weights_status(self):
+        return WeightsStatus(True, "no weights")
+
+    def weights_fingerprint(self):
+        return "wide-test-1"
+
+    def load(self):
+        pass
+
+    def embed_batch(self, pixels):
+        with open(os.environ["WIDE_TEST_LOG"], "a") as log:
+            log.write(f"{len(pixels)}\\n")
+        cells = pixels.reshape(len(pixels), 4, 8, 4, 8, 3).mean(axis=(2, 4)).reshape(len(pixels), 48)
+        return cells @ _PROJECTION
+
+
+def register_encoders(register):
+    register(Wide)
+'''
+N_IMAGES = 400
+COMMIT_EVERY = 20
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    photos = root / "photos" / "noise"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i:04d}.png")
+    plugins = root / "plugins"
+    plugins.mkdir()
+    (plugins / "wide.py").write_text(WIDE_PLUGIN)
+    return root
+
+
+def _start(corpus, index_dir, log):
+    env = dict(os.environ, IMGSEARCH_PLUGINS_DIR=str(corpus / "plugins"), WIDE_TEST_LOG=str(log))
+    return subprocess.Popen(
+        [sys.executable, "-m", "imgsearch", "index", str(corpus / "photos"), "--index", str(index_dir),
+         "--encoder", "wide-test", "--commit-every", str(COMMIT_EVERY)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _kill_when(process, condition, deadline=60.0):
+    """SIGKILL the process as soon as condition() holds; False if it ended first."""
+    end = time.monotonic() + deadline
+    while process.poll() is None and time.monotonic() < end:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+    process.wait()
+    return False
+
+
+def _check_consistent(index_dir):
+    if not (index_dir / "metadata.sqlite").exists():
+        return 0  # killed before the index existed: nothing to check
+    with Store.open(index_dir) as store:  # refuses to open when FAISS and SQLite disagree
+        problems, _ = store.verify(check_files=False)
+        assert problems == [] or all("manifest.json" in p for p in problems), problems
+        ids = [e.id for e in store.entries()]
+        assert len(ids) == len(set(ids)) == store.count
+        return store.count
+
+
+def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_path):
+    index_dir = tmp_path / "ix"
+    log = tmp_path / "embedded.log"
+
+    def tmp_file_exists():
+        return index_dir.exists() and any(name.endswith(".tmp") for name in os.listdir(index_dir))
+
+    def generation_at_least(g):
+        def check():
+            try:
+                return int(Store.open(index_dir).manifest["generation"]) >= g
+            except Exception:
+                return False
+        return check
+
+    kills = 0
+    counts = []
+    # Alternately in the middle of writing a commit (its temporary file
+    # exists) and right after a given number of commits.
+    plans = [tmp_file_exists, generation_at_least(2), tmp_file_exists, generation_at_least(6),
+             tmp_file_exists, generation_at_least(10), tmp_file_exists]
+    for plan in plans:
+        process = _start(corpus, index_dir, log)
+        if _kill_when(process, plan):
+            kills += 1
+        counts.append(_check_consistent(index_dir))
+    assert counts == sorted(counts), "a kill lost committed work"
+
+    process = _start(corpus, index_dir, log)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    with Store.open(index_dir) as store:
+        assert store.count == N_IMAGES
+        problems, notes = store.verify()
+        assert problems == [] and notes == []
+    embedded = sum(int(line) for line in log.read_text().split())
+    # Each kill may cost the images embedded but not yet committed: at most
+    # one commit interval plus the batch in flight.
+    print(f"kills {kills}, images embedded {embedded} for {N_IMAGES}, counts after each kill {counts}")
+    assert kills >= 5
+    assert embedded - N_IMAGES <= kills * (COMMIT_EVERY + 5), (embedded, kills)
+
+
+def test_sigterm_commits_what_is_embedded_and_says_how_to_resume(corpus, tmp_path):
+    index_dir = tmp_path / "ix"
+    process = _start(corpus, index_dir, tmp_path / "log")
+
+    def some_work_committed():
+        try:
+            return Store.open(index_dir).count >= COMMIT_EVERY
+        except Exception:
+            return False
+
+    end = time.monotonic() + 60
+    while not some_work_committed() and process.poll() is None and time.monotonic() < end:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Error: interrupted: ") and "run the same command again to resume" in last
+    with Store.open(index_dir) as store:
+        committed = store.count
+    assert f"the index holds {committed}" in last
+    assert committed >= COMMIT_EVERY

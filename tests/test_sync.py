@@ -1,0 +1,140 @@
+"""The update rules, on a real store with real files (vectors are synthetic:
+the rules never look at pixels)."""
+
+import numpy as np
+import pytest
+
+from imgsearch.encoders import l2_normalize
+from imgsearch.store import Store
+from imgsearch.sync import FileFacts, Sync
+
+DIM = 8
+
+
+def _vector(seed):
+    return l2_normalize(np.random.default_rng(seed).standard_normal((1, DIM)))[0]
+
+
+def _facts(path, sha, label=None, folder_label=None, size=10, mtime=1.0):
+    return FileFacts(str(path), sha, size, mtime, label, folder_label, 4, 4)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM) as s:
+        yield s
+
+
+@pytest.fixture
+def files(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(name.encode())
+    return folder
+
+
+def _add_all(store, files):
+    sync = Sync(store)
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg")):
+        assert sync.add(_facts(files / name, f"sha-{name}", folder_label="x"), _vector(i)) == "added"
+    sync.commit()
+    return {e.path: e.id for e in store.entries()}
+
+
+def test_new_unchanged_and_relabelled(store, files):
+    ids = _add_all(store, files)
+    assert sorted(ids.values()) == [1, 2, 3]
+    sync = Sync(store)
+    assert sync.unchanged_on_disk(str(files / "a.jpg"), 10, 1.0)
+    assert not sync.unchanged_on_disk(str(files / "a.jpg"), 10, 2.0)
+    assert not sync.needs_pixels(str(files / "a.jpg"), "sha-a.jpg")
+    # touched: same content, new mtime; the folder label does not overrule
+    assert sync.add(_facts(files / "a.jpg", "sha-a.jpg", folder_label="y", mtime=5.0), None) == "unchanged"
+    assert sync.add(_facts(files / "b.jpg", "sha-b.jpg", label="fish"), None) == "relabelled"
+    sync.commit()
+    rows = store.by_path()
+    assert rows[str(files / "a.jpg")].mtime == 5.0 and rows[str(files / "a.jpg")].label == "x"
+    assert rows[str(files / "b.jpg")].label == "fish"
+    assert store.count == 3
+
+
+def test_changed_content_keeps_the_id(store, files):
+    ids = _add_all(store, files)
+    sync = Sync(store)
+    assert sync.needs_pixels(str(files / "a.jpg"), "sha-new")
+    assert sync.add(_facts(files / "a.jpg", "sha-new"), _vector(10)) == "changed"
+    sync.commit()
+    entry = store.by_path()[str(files / "a.jpg")]
+    assert entry.id == ids[str(files / "a.jpg")] and entry.sha256 == "sha-new" and entry.label == "x"
+    np.testing.assert_allclose(store.vectors([entry.id])[0], _vector(10), rtol=1e-6)
+
+
+def test_identical_files_share_one_vector(store, files):
+    ids = _add_all(store, files)
+    copy = files / "copy of a.jpg"
+    copy.write_bytes(b"a.jpg")
+    sync = Sync(store)
+    assert not sync.needs_pixels(str(copy), "sha-a.jpg")
+    assert sync.add(_facts(copy, "sha-a.jpg", folder_label="x"), None) == "duplicate"
+    sync.commit()
+    assert store.count == 3
+    assert [(a.path, a.image_id) for a in store.aliases()] == [(str(copy), ids[str(files / "a.jpg")])]
+
+
+def test_a_moved_file_keeps_its_vector_and_id(store, files):
+    ids = _add_all(store, files)
+    before = store.vectors([ids[str(files / "b.jpg")]])
+    (files / "b.jpg").rename(files / "renamed.jpg")
+    sync = Sync(store)
+    assert sync.add(_facts(files / "renamed.jpg", "sha-b.jpg", folder_label="z"), None) == "moved"
+    sync.commit()
+    entry = store.by_path()[str(files / "renamed.jpg")]
+    assert entry.id == ids[str(files / "b.jpg")] and entry.label == "z"
+    assert str(files / "b.jpg") not in store.by_path()
+    np.testing.assert_array_equal(store.vectors([entry.id]), before)
+
+
+def test_dropping_a_file_with_a_copy_promotes_the_copy(store, files):
+    ids = _add_all(store, files)
+    copy = files / "copy.jpg"
+    sync = Sync(store)
+    sync.add(_facts(copy, "sha-a.jpg", label="kept"), None)
+    sync.commit()
+    sync = Sync(store)
+    assert sync.drop(str(files / "a.jpg")) == "promoted"
+    assert sync.drop(str(files / "c.jpg")) == "removed"
+    assert sync.drop(str(files / "never.jpg")) is None
+    sync.commit()
+    rows = store.by_path()
+    assert rows[str(copy)].id == ids[str(files / "a.jpg")] and rows[str(copy)].label == "kept"
+    assert store.aliases() == [] and store.count == 2
+    sync = Sync(store)
+    assert sync.drop(str(copy)) == "removed"
+    sync.commit()
+    assert sorted(store.by_path()) == [str(files / "b.jpg")]
+
+
+def test_a_copy_that_changes_becomes_its_own_image(store, files):
+    _add_all(store, files)
+    copy = files / "copy.jpg"
+    sync = Sync(store)
+    sync.add(_facts(copy, "sha-a.jpg"), None)
+    sync.commit()
+    sync = Sync(store)
+    assert sync.add(_facts(copy, "sha-other"), _vector(20)) == "added"
+    sync.commit()
+    assert store.aliases() == [] and store.count == 4
+
+
+def test_new_content_needs_a_vector(store, files):
+    with pytest.raises(ValueError, match="needs a vector"):
+        Sync(store).add(_facts(files / "a.jpg", "sha-a.jpg"), None)
+
+
+def test_two_identical_new_files_in_one_run(store, files):
+    sync = Sync(store)
+    assert sync.add(_facts(files / "a.jpg", "same"), _vector(1)) == "added"
+    assert sync.add(_facts(files / "b.jpg", "same"), _vector(1)) == "duplicate"
+    sync.commit()
+    assert store.count == 1 and [a.path for a in store.aliases()] == [str(files / "b.jpg")]
