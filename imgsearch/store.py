@@ -373,17 +373,24 @@ class Store:
                 f"'imgsearch verify --index {self.directory} --repair' rewrites it from the metadata"
             ) from None
 
-    def _check_manifest_copy(self) -> None:
-        copy = self._read_manifest_copy()
-        ours = int(self.manifest["generation"])
-        if int(copy["generation"]) > ours or copy.get("created") != self.manifest.get("created"):
-            raise BadIndexError(
-                f"{MANIFEST_FILE} of index {self.directory} does not belong to its metadata; "
-                f"'imgsearch verify --index {self.directory}' shows the details"
-            )
-        if int(copy["generation"]) < ours and self.writable:
-            # A crash between a commit and rewriting the copy: ours to finish.
-            self._write_manifest_copy()
+    def _check_manifest_copy(self, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            copy = self._read_manifest_copy()
+            ours = int(self.manifest["generation"])
+            if copy.get("created") != self.manifest.get("created"):
+                break
+            if int(copy["generation"]) <= ours:
+                if int(copy["generation"]) < ours and self.writable:
+                    # A crash between a commit and rewriting the copy: ours to finish.
+                    self._write_manifest_copy()
+                return
+            # A writer committed after we read the metadata: read it again.
+            time.sleep(0.01 * attempt)
+            self._load_state()
+        raise BadIndexError(
+            f"{MANIFEST_FILE} of index {self.directory} does not belong to its metadata; "
+            f"'imgsearch verify --index {self.directory}' shows the details"
+        )
 
     def repair_manifest_copy(self) -> None:
         """Rewrite manifest.json from the metadata (the lock is held)."""

@@ -326,3 +326,61 @@ def test_an_occupied_folder_is_refused_before_any_model_loads(tmp_path, monkeypa
     monkeypatch.setattr(imgsearch_resnet50.ResNet50Encoder, "load", no_download)
     err = run("index", SAMPLE_DATA / "queries", "--index", SAMPLE_DATA, code=1).stderr
     assert "not an imgsearch index and not empty" in err
+
+
+def test_verify_reports_damage_and_repairs_the_manifest_copy(index_dir):
+    ok = run("verify", "--index", index_dir).stdout
+    assert ok.startswith("ok: 50 images, 0 duplicate paths, dimension 48")
+    manifest = index_dir / "manifest.json"
+    manifest.write_text("{ not json")
+    for args in (["info"], ["query", QUERY], ["index", SAMPLE_DATA / "queries"], ["remove", QUERY]):
+        err = run(*args, "--index", index_dir, code=1).stderr
+        assert "manifest.json of index" in err and "missing or damaged" in err
+    assert manifest.read_text() == "{ not json"  # never overwritten silently
+    run("verify", "--index", index_dir, code=1)
+    assert run("verify", "--index", index_dir, "--repair").stdout.startswith("ok: 50 images")
+    assert json.loads(run("info", "--index", index_dir, "--format", "json").stdout)["count"] == 50
+
+    vectors = next(index_dir.glob("vectors-*.faiss"))
+    data = bytearray(vectors.read_bytes())
+    data[-5] ^= 0xFF  # still a readable FAISS file, with one vector changed
+    vectors.write_bytes(bytes(data))
+    out = run("verify", "--index", index_dir, code=1).stdout
+    assert f"problem: {vectors.name} does not match the checksum recorded when it was written" in out
+
+
+def test_remove_and_prune(tmp_path, labelled_copy):
+    target = tmp_path / "ix"
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    result = run("remove", labelled_copy / "tench", labelled_copy / "church" / "nope.jpg", "--index", target)
+    assert result.stdout.startswith(f"removed 10 images and 0 duplicate paths; {target} holds 40 images")
+    assert f"warning: not in the index: {labelled_copy / 'church' / 'nope.jpg'}" in result.stderr
+    run("remove", labelled_copy / "tench", "--index", target, code=1)
+    shutil.rmtree(labelled_copy / "parachute")
+    note = run("verify", "--index", target).stdout
+    assert "note: 10 indexed files no longer exist" in note
+    pruned = run("index", labelled_copy, "--index", target, "--prune").stdout
+    assert pruned.startswith("added 10,")  # the tench photos are still on disk
+    assert "pruned 10 images and 0 duplicate paths whose files are gone" in pruned
+    facts = json.loads(run("info", "--index", target, "--format", "json").stdout)
+    assert facts["count"] == 40 and "parachute" not in facts["labels"] and facts["labels"]["tench"] == 10
+    assert "note:" not in run("verify", "--index", target).stdout
+
+
+def test_moved_files_keep_their_vectors(tmp_path, labelled_copy):
+    target = tmp_path / "ix"
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    from imgsearch.store import Store
+
+    with Store.open(target) as store:
+        before = {e.path: e.id for e in store.entries()}
+    (labelled_copy / "tench").rename(labelled_copy / "fish")
+    result = run("index", labelled_copy, "--index", target, "--prune")
+    assert result.stdout.startswith("added 0, updated 0, moved 10, unchanged 40, duplicates 0, skipped 0 ")
+    assert "pruned 0 images" in result.stdout
+    with Store.open(target) as store:
+        after = {e.path: e.id for e in store.entries()}
+        assert store.labels()["fish"] == 10 and "tench" not in store.labels()
+    assert sorted(after.values()) == sorted(before.values())
+    for path, image_id in before.items():
+        assert after[path.replace("/tench/", "/fish/")] == image_id

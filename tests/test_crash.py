@@ -170,3 +170,19 @@ def test_sigterm_commits_what_is_embedded_and_says_how_to_resume(corpus, tmp_pat
         committed = store.count
     assert f"the index holds {committed}" in last
     assert committed >= COMMIT_EVERY
+
+
+def test_readers_see_committed_states_while_a_writer_works(corpus, tmp_path):
+    index_dir = tmp_path / "ix"
+    process = _start(corpus, index_dir, tmp_path / "log")
+    seen = []
+    query = np.ones((1, 4096), np.float32) / 64.0
+    while process.poll() is None:
+        if not (index_dir / "metadata.sqlite").exists():
+            continue
+        with Store.open(index_dir) as store:  # never a damaged or half-written state
+            hits = store.search(query, 5)[0]
+            assert len(hits) == min(5, store.count)
+            seen.append(store.count)
+    assert process.returncode == 0
+    assert seen == sorted(seen) and len(set(seen)) >= 3, seen
