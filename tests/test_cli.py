@@ -365,6 +365,8 @@ def test_remove_and_prune(tmp_path, labelled_copy):
     facts = json.loads(run("info", "--index", target, "--format", "json").stdout)
     assert facts["count"] == 40 and "parachute" not in facts["labels"] and facts["labels"]["tench"] == 10
     assert "note:" not in run("verify", "--index", target).stdout
+    run("remove", labelled_copy, "--index", target)
+    assert "is empty" in run("query", QUERY, "--index", target, code=1).stderr
 
 
 def test_moved_files_keep_their_vectors(tmp_path, labelled_copy):

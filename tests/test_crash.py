@@ -146,7 +146,8 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
     assert embedded - N_IMAGES <= kills * (COMMIT_EVERY + 5), (embedded, kills)
 
 
-def test_sigterm_commits_what_is_embedded_and_says_how_to_resume(corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_ctrl_c_and_sigterm_commit_what_is_embedded_and_say_how_to_resume(corpus, tmp_path, signum):
     index_dir = tmp_path / "ix"
     process = _start(corpus, index_dir, tmp_path / "log")
 
@@ -159,7 +160,7 @@ def test_sigterm_commits_what_is_embedded_and_says_how_to_resume(corpus, tmp_pat
     end = time.monotonic() + 60
     while not some_work_committed() and process.poll() is None and time.monotonic() < end:
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
