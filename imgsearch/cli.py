@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import BadIndexError  # light: no heavy imports behind it
+from .tables import columns
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -102,6 +103,21 @@ def _terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _progress_bar(label: str):
+    """A progress(done, total) callback drawing a bar on stderr."""
+    state = {}
+
+    def progress(done, total):
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        state["bar"].update(done - state["bar"].pos)
+        if done >= total:
+            state.pop("bar").__exit__(None, None, None)
+
+    return progress
+
+
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -125,10 +141,7 @@ def _rows_of_hits(hits):
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
+    return columns(header, rows)
 
 
 def _csv_writer():
@@ -257,21 +270,8 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER")) as idx:
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d)", err=True)
-        bar = None
-
-        def progress(done, total):
-            nonlocal bar
-            if bar is None:
-                bar = click.progressbar(length=total, label="indexing", file=sys.stderr)
-                bar.__enter__()
-            bar.update(done - bar.pos)
-
-        try:
-            report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
-                             max_megapixels=max_megapixels, progress=progress)
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
+        report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
+                         max_megapixels=max_megapixels, progress=_progress_bar("indexing"))
         pruned = idx.prune() if prune else None
         click.echo(
             f"added {report.added}, updated {report.updated}, moved {report.moved}, "
@@ -412,11 +412,13 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
 @click.option("--temperature", type=POSITIVE, default=0.07, show_default=True,
               help="T of the weighted vote.")
 @click.option("--include-self", is_flag=True, help="Let an indexed image vote for itself.")
+@click.option("--method", type=click.Choice(["knn", "linear"]), default="knn", show_default=True,
+              help="knn: neighbours vote; linear: the classifier of 'imgsearch train-classifier'.")
 @check_encoder_option
 @weights_option
 @format_option
 @click.pass_context
-def classify(ctx, images, index_dir, k, vote, temperature, include_self, encoder, weights, fmt):
+def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -427,7 +429,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, encoder
     with _open(ctx, index_dir, encoder, weights) as idx:
         _warn_if_random(idx)
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
-                               include_self=include_self)
+                               include_self=include_self, method=method)
     if fmt == "json":
         for r in results:
             click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
@@ -446,6 +448,114 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, encoder
             nearest = ", ".join(f"{h.entry.label or '?'} {h.score:.2f}" for h in r.neighbours[:3])
             rows.append([r.path, r.label or "(none)", f"{r.confidence:.3f}", nearest])
         click.echo(_table(rows, ["image", "label", "confidence", "nearest neighbours"]))
+
+
+def _k_list(ctx, param, value):
+    try:
+        ks = sorted({int(part) for part in str(value).split(",") if part.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("k values must be whole numbers of at least 1")
+    return ks
+
+
+@main.command()
+@index_option
+@click.option("--test", "test_paths", multiple=True, type=click.Path(exists=True),
+              help="Held-out labelled images (class folders); repeat for several paths.")
+@click.option("--cv", "cv_folds", type=click.IntRange(min=2), default=None, metavar="K",
+              help="Stratified K-fold cross-validation over the labelled index.")
+@click.option("--leave-one-out", is_flag=True, help="Classify each labelled image by all the others.")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV of path,label rows for the --test images.")
+@click.option("-k", "ks", default="1,5,10,20", show_default=True, callback=_k_list,
+              help="Neighbour counts to evaluate, comma-separated.")
+@click.option("--vote", "votes", type=click.Choice(["weighted", "majority", "both"]), default="weighted",
+              show_default=True)
+@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cross-validation folds.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json: JSON Lines, one object per evaluated setting.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
+@click.pass_context
+def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks, votes, temperature, seed,
+             fmt, report_dir):
+    """Measure how accurate classification and retrieval are on labelled images.
+
+    Choose one: --test (held-out labelled folders), --cv K, or --leave-one-out.
+    Prints top-1/top-5 and balanced accuracy, precision@k and mAP@k for each
+    k, per-class precision/recall/F1, the most frequent confusions, and how
+    many test images have a near-duplicate in the index.  A linear classifier
+    trained with 'imgsearch train-classifier' is compared side by side.
+
+    \b
+    Examples:
+      imgsearch evaluate --index pets --leave-one-out -k 1,5,10,20 --vote both
+      imgsearch evaluate --index train-ix --test val/ --report eval-report/
+    """
+    from .evaluation import evaluate as run_evaluation
+    from .index import read_labels_csv
+    from .report import format_table, write_report
+
+    chosen = [bool(test_paths), cv_folds is not None, leave_one_out]
+    if sum(chosen) != 1:
+        raise click.UsageError("choose exactly one of --test, --cv K and --leave-one-out")
+    if labels_csv and not test_paths:
+        raise click.UsageError("--labels labels the --test images; the index has its own labels")
+    mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
+    with _open(ctx, index_dir) as idx:
+        _warn_if_random(idx)
+        result = run_evaluation(
+            idx, mode=mode, test_paths=list(test_paths), folds=cv_folds or 5, ks=ks,
+            labels=read_labels_csv(labels_csv) if labels_csv else None,
+            votes=("weighted", "majority") if votes == "both" else (votes,),
+            temperature=temperature, seed=seed, progress=_progress_bar("embedding test images"))
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for skip in result.skipped:
+        _warn(f"skipped {skip.path}: {skip.reason}")
+    if fmt == "json":
+        for scores in result.scores:
+            click.echo(json.dumps({**scores.summary(), "mode": result.mode,
+                                   "near_duplicates": result.near_duplicates}))
+    else:
+        click.echo(format_table(result))
+    if report_dir:
+        written = write_report(result, report_dir)
+        click.echo(f"report: {len(written)} files in {report_dir}", err=True)
+
+
+@main.command("train-classifier")
+@index_option
+@click.option("--method", type=click.Choice(["logreg", "svm"]), default="logreg", show_default=True,
+              help="Logistic regression or a linear SVM.")
+@click.option("--C", "c_value", default="auto", show_default=True,
+              help="Regularisation; 'auto' chooses from 0.01..1000 by cross-validation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def train_classifier(ctx, index_dir, method, c_value, seed):
+    """Fit a linear classifier on the labelled index's features.
+
+    It is saved in the index folder with the index state it was fit on, and
+    'imgsearch classify --method linear' uses it (until the index changes).
+    Needs scikit-learn: pip install 'imgsearch[linear]'.
+
+    \b
+    Example:
+      imgsearch train-classifier --index pets --method logreg
+    """
+    from .index import Index
+
+    if c_value != "auto":
+        c_value = POSITIVE.convert(c_value, None, ctx)
+    with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
+        _warn_if_random(idx)
+        model = idx.train_classifier(method=method, C=c_value, seed=seed)
+    chosen = f", cross-validated accuracy {model.cv_accuracy:.4f}" if model.cv_accuracy is not None else ""
+    click.echo(f"trained {model.method} on {len(model.classes)} labels with C={model.C:g}{chosen}; "
+               f"saved in {index_dir}")
 
 
 @main.command()

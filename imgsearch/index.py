@@ -34,7 +34,7 @@ from . import knn
 from .encoders import Encoder, Registry, l2_normalize, load_registry
 from .errors import ImgsearchError, IndexMismatchError, Interrupted, NoImagesError, UsageError, first_line
 from .hashing import sha256_bytes
-from .store import Hit, Store
+from .store import Entry, Hit, Store
 from .sync import FileFacts, Sync
 
 DEFAULT_ENCODER = "resnet50"
@@ -359,7 +359,9 @@ class Index:
                     else:
                         setattr(report, counters[outcome], getattr(report, counters[outcome]) + 1)
                         report.relabelled += outcome == "relabelled"
-                if sync.pending_vectors >= commit_every:
+                # Work without new vectors (moves, copies, refreshed mtimes)
+                # is worth keeping too.
+                if sync.pending_vectors >= commit_every or len(sync) >= 4 * commit_every:
                     sync.commit()
                 if progress:
                     progress(min(start + batch_size, len(files)), len(files))
@@ -428,9 +430,92 @@ class Index:
             results.append(QueryResult(str(path), hits[:k]))
         return results
 
+    def embed_images(self, files: list[imgs.ImageFile], *, batch_size: int | None = None,
+                     progress: Progress | None = None) -> tuple[np.ndarray, list[imgs.ImageFile], list[imgs.Skipped]]:
+        """Normalised vectors of many image files, a batch at a time (memory
+        stays flat); files that cannot be read are skipped with a reason."""
+        batch_size = batch_size or self.encoder.batch_size
+        prep = self.encoder.preprocessing
+        vectors, kept, skipped = [], [], []
+
+        def load(file):
+            try:
+                image = imgs.decode(imgs.read_bytes(file.path), draft_size=prep.draft_size)
+                return file, prep.resize_image(image), None
+            except imgs.DecodeError as exc:
+                return file, None, str(exc)
+
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            for start in range(0, len(files), batch_size):
+                loaded = list(pool.map(load, files[start : start + batch_size]))
+                skipped += [imgs.Skipped(f.path, reason) for f, _, reason in loaded if reason]
+                good = [(f, pixels) for f, pixels, reason in loaded if not reason]
+                if good:
+                    kept += [f for f, _ in good]
+                    vectors.append(l2_normalize(self.encoder.embed_pixels(np.stack([p for _, p in good]))))
+                if progress:
+                    progress(min(start + batch_size, len(files)), len(files))
+        matrix = np.concatenate(vectors) if vectors else np.empty((0, self.store.dim), np.float32)
+        return matrix, kept, skipped
+
+    def labelled_vectors(self) -> tuple[list[Entry], np.ndarray]:
+        """The labelled entries and their stored vectors, in id order."""
+        ids, matrix = self.store.all_vectors()
+        row_of = {int(i): row for row, i in enumerate(ids)}
+        entries = [e for e in self.store.entries() if e.label is not None]
+        return entries, matrix[[row_of[e.id] for e in entries]] if entries else matrix[:0]
+
+    def state_fingerprint(self) -> str:
+        """Names this exact index state: what a trained classifier was fit on."""
+        manifest = self.store.manifest
+        return (f"{manifest['created']}/r{manifest.get('revision', 0)}/"
+                f"{manifest['encoder']['name']}/{manifest['encoder'].get('weights_fingerprint')}")
+
+    def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0):
+        """Fit a linear classifier on the labelled vectors and save it in the
+        index folder (the index must be open for writing)."""
+        from . import linear
+
+        if not self.store.writable:
+            raise UsageError("index opened for reading; open it writable to save a classifier")
+        entries, vectors = self.labelled_vectors()
+        if not entries:
+            raise UsageError(f"index {self.store.directory} has no labels to train on")
+        model = linear.fit(vectors, [e.label for e in entries], method=method, C=C,
+                           fingerprint=self.state_fingerprint(), seed=seed)
+        model.save(self.store.directory)
+        return model
+
+    def classifier(self):
+        """The saved linear classifier, checked against this index state."""
+        from . import linear
+
+        model = linear.LinearModel.load(self.store.directory)
+        if model is None:
+            raise UsageError(
+                f"index {self.store.directory} has no trained classifier; run 'imgsearch train-classifier'"
+            )
+        if model.fingerprint != self.state_fingerprint():
+            raise IndexMismatchError(
+                f"the classifier in {self.store.directory} was trained on another state of this index "
+                "(images, labels or encoder changed since); run 'imgsearch train-classifier' again"
+            )
+        return model
+
     def classify(self, paths, *, k: int = 20, vote: str = "weighted",
-                 temperature: float = knn.DEFAULT_TEMPERATURE, include_self: bool = False) -> list[Classification]:
-        """A label for each image file by a vote of its ``k`` nearest labelled neighbours."""
+                 temperature: float = knn.DEFAULT_TEMPERATURE, include_self: bool = False,
+                 method: str = "knn") -> list[Classification]:
+        """A label for each image file by a vote of its ``k`` nearest labelled
+        neighbours, or (``method="linear"``) by the trained linear classifier."""
+        if method == "linear":
+            model = self.classifier()
+            vectors, _ = self.embed_files(paths)
+            ranked, confidence = model.predict(vectors)
+            neighbours = self.store.search(vectors, k)
+            return [Classification(str(p), labels[0], float(c), hits)
+                    for p, labels, c, hits in zip(paths, ranked, confidence, neighbours)]
+        if method != "knn":
+            raise UsageError(f"method must be knn or linear, not {method!r}")
         if vote not in knn.VOTES:
             raise UsageError(f"vote must be one of {', '.join(knn.VOTES)}, not {vote!r}")
         if temperature <= 0:

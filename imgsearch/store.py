@@ -67,7 +67,7 @@ CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _COLUMNS = "id, path, sha256, size, mtime, label, width, height"
 # What a creation killed before its metadata file appeared can leave behind.
 _CREATION_LEFTOVERS = frozenset({
-    MANIFEST_FILE, MANIFEST_FILE + ".tmp", METADATA_FILE + ".new", METADATA_FILE + ".new-journal",
+    MANIFEST_FILE, MANIFEST_FILE + ".tmp", METADATA_FILE + ".new", METADATA_FILE + ".new-journal", LOCK_FILE,
 })
 
 
@@ -181,6 +181,40 @@ def deferred_signals():
             signal.raise_signal(received[0])
 
 
+def _lock(directory: Path):
+    """Take the folder's writer lock, or raise IndexLockedError."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform; single writer is on the user
+        return None
+    try:
+        handle = open(directory / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise BadIndexError(f"cannot write to index {directory}: {exc.strerror or exc}") from None
+    try:
+        # flock is dropped by the kernel when the holder dies, so a crashed
+        # writer never leaves the index locked.
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise IndexLockedError(
+            f"index {directory} is being written by another process; try again when it finishes"
+        ) from None
+    return handle
+
+
+def _is_leftover(path: Path) -> bool:
+    """A file an unfinished creation of ours may leave (or our lock file)."""
+    if path.name not in _CREATION_LEFTOVERS:
+        return False
+    if path.name.startswith(MANIFEST_FILE):  # ours only if it reads as our manifest
+        try:
+            return "format_version" in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    return True
+
+
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
@@ -195,14 +229,14 @@ class Store:
     """An open index directory.  Use :meth:`create` or :meth:`open`."""
 
     def __init__(self, directory: Path, connection: sqlite3.Connection, writable: bool,
-                 check_manifest: bool = True):
+                 check_manifest: bool = True, lock_held: bool = False):
         self.directory = directory
         self._db = connection
         self.writable = writable
         self._lock_handle = None
         self.created_here = False
         self._made_folder = False
-        if writable:
+        if writable and not lock_held:
             # The state must be read under the lock, or a writer could start
             # from a generation another writer is about to replace.
             self._acquire_lock()
@@ -229,7 +263,7 @@ class Store:
         if directory.exists():
             if not directory.is_dir():
                 raise BadIndexError(f"{directory} exists and is not a folder")
-            if any(p.name not in _CREATION_LEFTOVERS for p in directory.iterdir()):
+            if not all(_is_leftover(p) for p in directory.iterdir()):
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
@@ -244,7 +278,25 @@ class Store:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BadIndexError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
-        for leftover in _CREATION_LEFTOVERS:  # of an earlier creation that was killed
+        # Created under the lock, so two processes creating one index cannot
+        # interleave; the second then finds a complete index, or waits its turn.
+        lock = _lock(directory)
+        try:
+            if (directory / METADATA_FILE).exists():
+                raise IndexLockedError(f"index {directory} was just created by another process; run again")
+            cls.check_creatable(directory)
+            store = cls._create_locked(directory, encoder, dim)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        store._lock_handle = lock
+        store.created_here, store._made_folder = True, made_folder
+        return store
+
+    @classmethod
+    def _create_locked(cls, directory: Path, encoder: dict, dim: int) -> "Store":
+        for leftover in _CREATION_LEFTOVERS - {LOCK_FILE}:  # of an earlier creation that was killed
             (directory / leftover).unlink(missing_ok=True)
         tmp = directory / (METADATA_FILE + ".new")
         db = sqlite3.connect(tmp)
@@ -272,9 +324,8 @@ class Store:
         # leaves a folder that looks like an index but is not one.
         os.replace(tmp, directory / METADATA_FILE)
         _fsync_dir(directory)
-        store = cls.open(directory, writable=True)
-        store.created_here, store._made_folder = True, made_folder
-        return store
+        db = sqlite3.connect(directory / METADATA_FILE, timeout=30)
+        return cls(directory, db, writable=True, lock_held=True)
 
     @classmethod
     def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
@@ -287,10 +338,10 @@ class Store:
         if not path.is_file():
             raise BadIndexError(f"{directory} is not an imgsearch index (it has no {METADATA_FILE})")
         try:
-            if writable:
-                db = sqlite3.connect(path, timeout=30)
-            else:
-                db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+            # Readers too use an ordinary connection (and only read): a writer
+            # killed inside a SQLite commit leaves a journal that the next
+            # connection must roll back, which a read-only one cannot do.
+            db = sqlite3.connect(path, timeout=30)
             db.execute("SELECT count(*) FROM images").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
@@ -309,24 +360,8 @@ class Store:
         self.close()
 
     def _acquire_lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform; single writer is on the user
-            return
-        try:
-            handle = open(self.directory / LOCK_FILE, "a+")
-        except OSError as exc:
-            raise BadIndexError(f"cannot write to index {self.directory}: {exc.strerror or exc}") from None
-        try:
-            # flock is dropped by the kernel when the holder dies, so a crashed
-            # writer never leaves the index locked.
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise IndexLockedError(
-                f"index {self.directory} is being written by another process; try again when it finishes"
-            ) from None
-        self._lock_handle = handle
+        if self._lock_handle is None:
+            self._lock_handle = _lock(self.directory)
 
     def _load_state(self, attempts: int = 10) -> None:
         for attempt in range(attempts):
@@ -436,7 +471,10 @@ class Store:
             problems.append(f"{len(orphans)} duplicate paths point to no image (first: {orphans[0]})")
         try:
             copy = self._read_manifest_copy()
-            if {k: copy.get(k) for k in manifest} != manifest:
+            if copy.get("revision", 0) < manifest.get("revision", 0) and copy.get("created") == manifest.get("created"):
+                notes.append(f"{MANIFEST_FILE} is behind the metadata (a write was interrupted); "
+                             "the next write refreshes it")
+            elif {k: copy.get(k) for k in manifest} != manifest:
                 problems.append(f"{MANIFEST_FILE} differs from the manifest in the metadata")
         except BadIndexError as exc:
             problems.append(str(exc))
@@ -514,14 +552,43 @@ class Store:
         )
         return dict(rows)
 
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored vector and its id, in storage order."""
+        import faiss
+
+        if not self._faiss.ntotal:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        ids = faiss.vector_to_array(self._faiss.id_map).astype(np.int64)
+        return ids, self._faiss.index.reconstruct_n(0, self._faiss.ntotal)
+
     def vectors(self, ids) -> np.ndarray:
         """The stored vectors of ``ids`` (as they are in the index)."""
         return np.stack([self._faiss.reconstruct(int(i)) for i in ids]) if len(ids) else np.empty((0, self.dim), np.float32)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """The ``k`` nearest entries of each row of ``queries`` (normalised),
-        best first.  Fewer when the index holds fewer than ``k``."""
+        best first.  Fewer when the index holds fewer than ``k``.
+
+        Vectors and rows always come from one committed state: if a writer
+        committed new vectors since this store was opened, they are reloaded.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not self.writable:
+            self._db.execute("BEGIN")  # the rows read below belong to one commit
+        try:
+            if not self.writable:
+                current = json.loads(self._db.execute(
+                    "SELECT value FROM state WHERE key = 'manifest'").fetchone()[0])
+                if current.get("generation") != self.manifest.get("generation"):
+                    self._db.execute("COMMIT")
+                    self._load_state()
+                    self._db.execute("BEGIN")
+            return self._search_rows(queries, k)
+        finally:
+            if not self.writable:
+                self._db.execute("COMMIT")
+
+    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         k = min(int(k), self.count)
         if k <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
@@ -596,7 +663,10 @@ class Store:
             checksum = self._write_vectors(updated_index, name)
         else:
             checksum = self.manifest.get("vectors_sha256")
+        # The revision counts every commit, metadata-only ones too (a label
+        # change keeps the generation): it names an index state exactly.
         manifest = dict(self.manifest, count=int(updated_index.ntotal), generation=generation,
+                        revision=int(self.manifest.get("revision", 0)) + 1,
                         vectors_file=name, vectors_sha256=checksum, updated=_now())
         new_file = name != self.manifest.get("vectors_file")
         try:
@@ -624,7 +694,8 @@ class Store:
         # From here the commit stands; the rest only tidies up.
         with contextlib.suppress(OSError):
             self._write_manifest_copy()
-            if old and new_file:
+        if old and new_file:
+            with contextlib.suppress(OSError):
                 (self.directory / old).unlink(missing_ok=True)
 
     def _apply_rows(self, changes: Changes) -> None:
@@ -633,15 +704,17 @@ class Store:
             db.execute("DELETE FROM aliases WHERE image_id = ?", (int(image_id),))
             db.execute("DELETE FROM images WHERE id = ?", (int(image_id),))
         db.executemany("DELETE FROM aliases WHERE path = ?", [(p,) for p in changes.unaliased])
-        db.executemany(
-            f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(e.id, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height) for e in changes.added],
-        )
+        # Updates first: a promoted copy moves its image off a path that a
+        # new image of this same commit takes.
         rewritten = changes.replaced + changes.updated
         db.executemany(
             "UPDATE images SET path = ?, sha256 = ?, size = ?, mtime = ?, label = ?, width = ?, height = ? "
             "WHERE id = ?",
             [(e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height, int(e.id)) for e in rewritten],
+        )
+        db.executemany(
+            f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.id, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height) for e in changes.added],
         )
         db.executemany(
             "INSERT OR REPLACE INTO aliases (path, image_id, size, mtime, label) VALUES (?, ?, ?, ?, ?)",

@@ -92,7 +92,7 @@ class Sync:
         """A file known by path whose content is the same; relabel it if asked.
         Returns whether the label changed."""
         record = self.known(path)
-        if label is None or record.label == label:
+        if record is None or label is None or record.label == label:
             return False
         self._put(replace(record, label=label))
         return True
@@ -128,6 +128,11 @@ class Sync:
             return "duplicate"
         if vector is None:
             raise ValueError(f"{path} holds new content and needs a vector")
+        if isinstance(record, Entry) and self.aliases_of.get(record.id):
+            # Copies of the old content remain: one of them keeps the old id
+            # and vector, and the new content becomes an image of its own.
+            self._release(path)
+            record = None
         if isinstance(record, Entry):
             # New content at a known path: same id, new vector.
             entry = Entry(record.id, path, sha, facts.size, facts.mtime,

@@ -138,3 +138,40 @@ def test_two_identical_new_files_in_one_run(store, files):
     assert sync.add(_facts(files / "b.jpg", "same"), _vector(1)) == "duplicate"
     sync.commit()
     assert store.count == 1 and [a.path for a in store.aliases()] == [str(files / "b.jpg")]
+
+
+@pytest.mark.parametrize("copy_name", ["0 copy.jpg", "z copy.jpg"])  # sorts before and after
+def test_editing_a_file_that_has_a_copy_keeps_the_copys_picture(store, files, copy_name):
+    ids = _add_all(store, files)
+    a = str(files / "a.jpg")
+    old_vector = store.vectors([ids[a]])
+    sync = Sync(store)
+    sync.add(_facts(files / copy_name, "sha-a.jpg"), None)
+    sync.commit()
+    sync = Sync(store)
+    assert sync.add(_facts(a, "sha-edited"), _vector(30)) == "added"
+    sync.commit()
+    rows = store.by_path()
+    # the copy now carries the old picture under the old id ...
+    assert rows[str(files / copy_name)].id == ids[a] and rows[str(files / copy_name)].sha256 == "sha-a.jpg"
+    np.testing.assert_array_equal(store.vectors([ids[a]]), old_vector)
+    # ... and the edited file is a new image with its new vector
+    assert rows[a].sha256 == "sha-edited" and rows[a].id not in ids.values()
+    np.testing.assert_allclose(store.vectors([rows[a].id])[0], _vector(30), rtol=1e-6)
+    assert store.aliases() == [] and store.count == 4
+
+
+def test_swapping_two_files_swaps_their_pictures(store, files):
+    ids = _add_all(store, files)
+    a, b = str(files / "a.jpg"), str(files / "b.jpg")
+    vector_a, vector_b = store.vectors([ids[a]]), store.vectors([ids[b]])
+    sync = Sync(store)
+    # a now holds b's bytes and b holds a's: b's picture is found at a first
+    assert sync.add(_facts(a, "sha-b.jpg"), None) == "duplicate"
+    assert sync.needs_pixels(b, "sha-a.jpg")
+    assert sync.add(_facts(b, "sha-a.jpg"), _vector(40)) == "added"
+    sync.commit()
+    rows = store.by_path()
+    assert rows[a].sha256 == "sha-b.jpg" and rows[b].sha256 == "sha-a.jpg"
+    np.testing.assert_array_equal(store.vectors([rows[a].id]), vector_b)
+    assert store.aliases() == [] and store.count == 3

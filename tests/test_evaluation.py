@@ -1,0 +1,186 @@
+"""Evaluation metrics against scikit-learn and brute force, and the
+evaluate / train-classifier commands end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from imgsearch.cli import main
+from imgsearch.evaluation import retrieval, score, stratified_folds
+
+from conftest import PLUGINS_DIR, SAMPLE_DATA
+
+CLASSES = ["church", "english_springer", "garbage_truck", "parachute", "tench"]
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    if code:
+        assert "Traceback" not in result.stderr
+        assert len([l for l in result.stderr.splitlines() if l.startswith("Error:")]) == 1
+    return result
+
+
+def test_metrics_equal_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    truth = list(rng.choice(labels, 300))
+    predicted = [t if rng.random() < 0.7 else rng.choice(labels) for t in truth]
+    ranked = [[p] + [l for l in labels if l != p] for p in predicted]
+    ours = score("knn", 5, "weighted", truth, ranked)
+    assert ours.top1 == pytest.approx(np.mean(np.array(truth) == np.array(predicted)))
+    assert ours.balanced_accuracy == pytest.approx(balanced_accuracy_score(truth, predicted))
+    np.testing.assert_array_equal(ours.confusion, confusion_matrix(truth, predicted, labels=labels))
+    p, r, f, s = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
+    for i, label in enumerate(labels):
+        assert ours.per_class[label]["precision"] == pytest.approx(p[i])
+        assert ours.per_class[label]["recall"] == pytest.approx(r[i])
+        assert ours.per_class[label]["f1"] == pytest.approx(f[i])
+        assert ours.per_class[label]["support"] == s[i]
+    assert ours.top5 == 1.0  # every label is within the first five of four
+
+
+def test_retrieval_metrics_by_hand():
+    truth = ["a", "b"]
+    neighbours = [["a", "x", "a"], ["x", "x", "x"]]
+    result = retrieval(truth, neighbours, 3)
+    assert result["precision@3"] == pytest.approx((2 / 3 + 0) / 2)
+    # AP of [1, 0, 1] = (1/1 + 2/3) / 2; AP of nothing relevant = 0
+    assert result["map@3"] == pytest.approx(((1 + 2 / 3) / 2 + 0) / 2)
+
+
+def test_stratified_folds_are_disjoint_balanced_and_seeded():
+    labels = ["a"] * 10 + ["b"] * 6 + ["c"] * 5
+    folds = stratified_folds(labels, 5, seed=1)
+    joined = np.concatenate(folds)
+    assert sorted(joined.tolist()) == list(range(len(labels)))
+    for fold in folds:
+        counts = {c: sum(labels[i] == c for i in fold) for c in "abc"}
+        assert counts["a"] == 2 and counts["b"] in (1, 2) and counts["c"] == 1
+    assert [f.tolist() for f in stratified_folds(labels, 5, seed=1)] == [f.tolist() for f in folds]
+    assert [f.tolist() for f in stratified_folds(labels, 5, seed=2)] != [f.tolist() for f in folds]
+
+
+@pytest.fixture
+def tiny_index(tmp_path):
+    target = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color")
+    return target
+
+
+def test_leave_one_out_equals_brute_force_knn(tiny_index):
+    from imgsearch.index import Index
+    from imgsearch.knn import vote
+
+    lines = run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "1,3", "--vote", "both",
+                "--format", "json").stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["k"], r["vote"]) for r in records] == [(1, "weighted"), (1, "majority"), (3, "weighted"), (3, "majority")]
+    assert all(r["method"] == "knn" and r["n"] == 50 and r["mode"] == "leave-one-out" for r in records)
+
+    with Index.open(tiny_index, plugins_dir=PLUGINS_DIR) as index:
+        entries, vectors = index.labelled_vectors()
+    labels = [e.label for e in entries]
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)  # each image is left out of its own neighbours
+    for record in records:
+        correct = 0
+        for row in range(len(entries)):
+            order = np.argsort(-similarity[row])[: record["k"]]
+            decision = vote([(labels[j], similarity[row, j]) for j in order], record["vote"], 0.07)
+            correct += decision.label == labels[row]
+        assert record["top1"] == pytest.approx(correct / len(entries))
+
+
+def test_cross_validation_and_held_out_with_a_report(tiny_index, tmp_path):
+    table = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "1,5").stdout
+    assert table.startswith("cv-5: 50 labelled images")
+    assert "per class, best setting" in table and "near-duplicates:" in table
+
+    report = tmp_path / "report"
+    out = run("evaluate", "--index", tiny_index, "--test", SAMPLE_DATA / "labelled", "-k", "1",
+              "--format", "json", "--report", report).stdout
+    record = json.loads(out)
+    # the test images are the indexed ones: each finds itself at cosine 1
+    assert record["top1"] == 1.0 and record["near_duplicates"] == 50
+    with open(report / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 50 and all(r["knn-k1-weighted"] == r["label"] for r in rows)
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 50 and metrics["settings"][0]["top1"] == 1.0
+    assert set(metrics["settings"][0]["per_class"]) == set(CLASSES)
+    with open(report / "confusion-knn-k1-weighted.csv", newline="") as handle:
+        matrix = list(csv.reader(handle))
+    assert matrix[0][1:] == CLASSES and [int(matrix[i + 1][i + 1]) for i in range(5)] == [10] * 5
+    with Image.open(report / "confusion-knn-k1-weighted.png") as picture:
+        assert picture.size[0] > 200 and picture.size[1] > 200
+
+
+def test_evaluate_usage_errors(tiny_index):
+    run("evaluate", "--index", tiny_index, code=2)
+    run("evaluate", "--index", tiny_index, "--cv", "5", "--leave-one-out", code=2)
+    run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "0", code=2)
+    run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "one", code=2)
+    assert "at least 11 images" in run("evaluate", "--index", tiny_index, "--cv", "11", code=2).stderr
+
+
+def test_linear_classifier_is_trained_used_compared_and_refused_when_stale(tiny_index, tmp_path):
+    trained = run("train-classifier", "--index", tiny_index, "--method", "logreg").stdout
+    assert trained.startswith("trained logreg on 5 labels with C=")
+    assert (tiny_index / "classifier.npz").exists()
+    queries = sorted(str(p) for p in (SAMPLE_DATA / "queries").iterdir())
+    records = [json.loads(line) for line in run("classify", *queries, "--index", tiny_index, "--method", "linear",
+                                                 "--format", "json").stdout.splitlines()]
+    assert all(r["label"] in CLASSES and 0 < r["confidence"] <= 1 for r in records)
+
+    lines = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "5", "--format", "json").stdout.splitlines()
+    methods = [json.loads(line)["method"] for line in lines]
+    assert methods == ["knn", "linear"]
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (50, 50), (1, 2, 3)).save(extra / "new.png")
+    run("index", extra, "--index", tiny_index)
+    err = run("classify", queries[0], "--index", tiny_index, "--method", "linear", code=2).stderr
+    assert "trained on another state of this index" in err
+    run("train-classifier", "--index", tiny_index, "--method", "svm", "--C", "1")
+    assert json.loads(run("classify", queries[0], "--index", tiny_index, "--method", "linear",
+                          "--format", "json").stdout)["label"] in CLASSES
+
+
+def test_linear_classifier_matches_scikit_learn_predictions(tiny_index):
+    from sklearn.linear_model import LogisticRegression
+
+    from imgsearch.index import Index
+    from imgsearch.linear import fit
+
+    with Index.open(tiny_index, plugins_dir=PLUGINS_DIR) as index:
+        entries, vectors = index.labelled_vectors()
+    labels = [e.label for e in entries]
+    ours = fit(vectors, labels, method="logreg", C=10.0)
+    reference = LogisticRegression(C=10.0, max_iter=2000, random_state=0).fit(vectors, labels)
+    ranked, confidence = ours.predict(vectors)
+    assert [r[0] for r in ranked] == list(reference.predict(vectors))
+    np.testing.assert_allclose(confidence, reference.predict_proba(vectors).max(axis=1), rtol=1e-5)
+
+
+def test_without_scikit_learn_training_says_how_to_install(tiny_index, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ImportError("No module named 'sklearn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    err = run("train-classifier", "--index", tiny_index, code=1).stderr
+    assert "pip install 'imgsearch[linear]'" in err
