@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import sys
 
 import click
@@ -62,6 +63,8 @@ class _Group(click.Group):
             raise _Failure("interrupted", 130) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
+        except sqlite3.DatabaseError as exc:
+            raise _Failure(f"the index metadata is damaged or unreadable ({exc})", 1) from None
         except Exception as exc:
             # A bug of ours or a library's: still one line, never a traceback
             # (IMGSEARCH_DEBUG=1 shows it).
@@ -101,6 +104,18 @@ def _terminate_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def _open_errors_csv(path: str, index_dir: str):
+    """The --errors file, opened before any work: a wrong place is a usage
+    error at once, and the index's own files are never written over."""
+    target, index = os.path.realpath(path), os.path.realpath(index_dir)
+    if target == index or target.startswith(index.rstrip(os.sep) + os.sep):
+        raise click.UsageError(f"--errors {path} is inside the index folder; choose another place")
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as exc:
+        raise click.UsageError(f"cannot write --errors file {path}: {exc.strerror or exc}") from None
 
 
 def _progress_bar(label: str):
@@ -234,7 +249,7 @@ def encoders(ctx, fmt):
 @index_option
 @click.option("--encoder", default=None, metavar="NAME",
               help="Encoder for a new index (default: env IMGSEARCH_ENCODER, else resnet50). "
-                   "An existing index keeps its own.")
+                   "An existing index keeps its own; naming another is an error.")
 @weights_option
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV of path,label rows; overrides folder-name labels.")
@@ -265,6 +280,7 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
     from .index import Index, read_labels_csv
 
     _terminate_as_interrupt()
+    errors_out = _open_errors_csv(errors_csv, index_dir) if errors_csv else None
     labels = read_labels_csv(labels_csv) if labels_csv else None
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER")) as idx:
@@ -291,9 +307,9 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
             click.echo(f"duplicate: {path} (same content as {original})")
         for skip in report.skipped:
             click.echo(f"skipped: {skip.path}: {skip.reason}")
-        if errors_csv:
-            with open(errors_csv, "w", newline="", encoding="utf-8") as handle:
-                out = csv.writer(handle)
+        if errors_out:
+            with errors_out:
+                out = csv.writer(errors_out)
                 out.writerow(["path", "reason"])
                 out.writerows([str(skip.path), skip.reason] for skip in report.skipped)
         if strict and report.skipped:
@@ -341,10 +357,9 @@ def verify(ctx, index_dir, repair):
     """
     from .store import Store
 
-    try:
-        store = Store.open(index_dir, writable=repair, check_manifest=not repair)
-    except BadIndexError as exc:
-        raise _Failure(f"index {index_dir} is damaged: {exc}", 1) from None
+    # Checked under the writer lock: a commit landing halfway through the
+    # checks would look like damage.
+    store = Store.open(index_dir, writable=True, check_manifest=not repair)
     with store:
         if repair:
             store.repair_manifest_copy()

@@ -62,9 +62,18 @@ def discover(paths) -> tuple[list[ImageFile], list[Skipped]]:
     seen: set[Path] = set()
 
     def add(path: Path, label):
-        if path not in seen:
+        if path in seen:
+            return
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            # Undecodable bytes in a name cannot be stored or printed as text.
+            shown = Path(str(path).encode("utf-8", "backslashreplace").decode("utf-8"))
+            skip(shown, "file name is not valid UTF-8; rename the file")
             seen.add(path)
-            found.append(ImageFile(path, label))
+            return
+        seen.add(path)
+        found.append(ImageFile(path, label))
 
     def skip(path: Path, reason: str):
         if path not in seen:

@@ -102,18 +102,23 @@ def read_labels_csv(path) -> dict[str, str]:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read labels file {csv_path}: {exc}") from None
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
+    first = 1
+    if rows and [cell.strip().lower() for cell in rows[0]] == ["path", "label"]:
+        rows, first = rows[1:], 2
     labels = {}
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(rows, start=first):  # numbered as lines of the file
         if not row or not "".join(row).strip():
             continue
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise UsageError(f"labels file {csv_path}, row {number}: expected 'path,label'")
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise UsageError(f"labels file {csv_path}, line {number}: expected 'path,label'")
         image_path = Path(row[0].strip()).expanduser()
         if not image_path.is_absolute():
             image_path = csv_path.parent / image_path
-        labels[os.path.abspath(image_path)] = row[1].strip()
+        key = os.path.abspath(image_path)
+        if labels.get(key, row[1].strip()) != row[1].strip():
+            raise UsageError(f"labels file {csv_path}, line {number}: {row[0].strip()} already has "
+                             f"label {labels[key]!r}")
+        labels[key] = row[1].strip()
     return labels
 
 

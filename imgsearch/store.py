@@ -21,6 +21,7 @@ This module is the one place that turns FAISS ids into metadata rows.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -264,6 +265,10 @@ class Store:
             if not directory.is_dir():
                 raise BadIndexError(f"{directory} exists and is not a folder")
             if not all(_is_leftover(p) for p in directory.iterdir()):
+                if (directory / LOCK_FILE).exists():
+                    handle = _lock(directory)  # raises while another process creates it
+                    if handle is not None:
+                        handle.close()
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
@@ -431,7 +436,11 @@ class Store:
         """Rewrite manifest.json from the metadata (the lock is held)."""
         if not self.writable:
             raise RuntimeError("store opened read-only")
-        self._write_manifest_copy()
+        try:
+            self._write_manifest_copy()
+        except OSError as exc:
+            (self.directory / (MANIFEST_FILE + ".tmp")).unlink(missing_ok=True)
+            raise BadIndexError(f"cannot rewrite {MANIFEST_FILE} in {self.directory}: {exc.strerror or exc}") from None
 
     def verify(self, *, check_files: bool = True) -> tuple[list[str], list[str]]:
         """Problems (the index is damaged) and notes (worth knowing) found by
@@ -509,8 +518,17 @@ class Store:
             path = self.directory / name
             if not path.is_file():
                 raise FileNotFoundError(path)
+            data = path.read_bytes()
+            # Checked on every open, so damage is reported before anything
+            # uses it, and never sealed in by a later commit's new checksum.
+            expected = self.manifest.get("vectors_sha256")
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                raise BadIndexError(
+                    f"index {self.directory} is damaged: {name} does not match the checksum recorded "
+                    "when it was written"
+                )
             try:
-                index = faiss.read_index(str(path))
+                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
             except RuntimeError:
                 raise BadIndexError(f"index {self.directory} is damaged: cannot read {name}") from None
         if index.ntotal != count or index.d != self.dim:

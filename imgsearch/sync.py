@@ -92,6 +92,10 @@ class Sync:
         """A file known by path whose content is the same; relabel it if asked.
         Returns whether the label changed."""
         record = self.known(path)
+        if isinstance(record, Alias) and not os.path.exists(self.entries[record.image_id].path):
+            # The file that carried this picture is gone: a copy takes over.
+            self._release(self.entries[record.image_id].path)
+            record = self.known(path)
         if record is None or label is None or record.label == label:
             return False
         self._put(replace(record, label=label))

@@ -188,7 +188,7 @@ def test_errors_are_one_line_with_the_right_exit_code(tmp_path, index_dir):
     assert f"cannot read query image {bad}" in run("query", bad, "--index", index_dir, code=1).stderr
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\nonly-a-path\n")
-    assert "row 1: expected 'path,label'" in run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--labels", labels, code=2).stderr
+    assert "line 2: expected 'path,label'" in run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--labels", labels, code=2).stderr
     assert sorted(p.name for p in index_dir.iterdir()) == before
     assert json.loads(run("info", "--index", index_dir, "--format", "json").stdout)["count"] == 50
 
@@ -345,8 +345,10 @@ def test_verify_reports_damage_and_repairs_the_manifest_copy(index_dir):
     data = bytearray(vectors.read_bytes())
     data[-5] ^= 0xFF  # still a readable FAISS file, with one vector changed
     vectors.write_bytes(bytes(data))
-    out = run("verify", "--index", index_dir, code=1).stdout
-    assert f"problem: {vectors.name} does not match the checksum recorded when it was written" in out
+    for args in (["verify"], ["info"], ["query", QUERY], ["index", SAMPLE_DATA / "queries"]):
+        err = run(*args, "--index", index_dir, code=1).stderr
+        assert f"{vectors.name} does not match the checksum recorded when it was written" in err
+    assert vectors.read_bytes() == bytes(data)  # nothing sealed the damage in
 
 
 def test_remove_and_prune(tmp_path, labelled_copy):
@@ -386,3 +388,54 @@ def test_moved_files_keep_their_vectors(tmp_path, labelled_copy):
     assert sorted(after.values()) == sorted(before.values())
     for path, image_id in before.items():
         assert after[path.replace("/tench/", "/fish/")] == image_id
+
+
+def test_errors_file_is_checked_before_any_work(tmp_path, index_dir):
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()}
+    err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--errors", index_dir / "metadata.sqlite",
+              code=2).stderr
+    assert "inside the index folder" in err
+    err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--errors", tmp_path / "no" / "such" / "e.csv",
+              code=2).stderr
+    assert "cannot write --errors file" in err
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == before
+    assert json.loads(run("info", "--index", index_dir, "--format", "json").stdout)["count"] == 50
+
+
+def test_labels_csv_rows_must_be_exact_and_consistent(tmp_path, index_dir):
+    photo = sorted((SAMPLE_DATA / "labelled" / "tench").iterdir())[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{photo},fish,extra\n")
+    assert "line 2: expected 'path,label'" in run("index", photo, "--index", index_dir, "--labels", labels, code=2).stderr
+    labels.write_text(f"{photo},fish\n{photo},carp\n")
+    assert "line 2:" in run("index", photo, "--index", index_dir, "--labels", labels, code=2).stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(QUERY, folder / "fine.jpg")
+    shutil.copy(QUERY.replace("church", "tench"), os.fsencode(folder) + b"/bad\xffname.jpg")
+    result = run("index", folder, "--index", tmp_path / "ix", "--encoder", "tiny-color")
+    assert result.stdout.startswith("added 1,")
+    assert "file name is not valid UTF-8" in result.stdout
+
+
+def test_verify_waits_for_no_writer(index_dir):
+    from imgsearch.store import Store
+
+    with Store.open(index_dir, writable=True):
+        assert "being written by another process" in run("verify", "--index", index_dir, code=1).stderr
+    assert run("verify", "--index", index_dir).stdout.startswith("ok:")
+
+
+def test_a_copy_takes_over_when_the_original_file_is_gone(tmp_path, labelled_copy):
+    target = tmp_path / "ix"
+    original = sorted((labelled_copy / "church").iterdir())[0]
+    copy = labelled_copy / "church" / "zz copy.jpg"
+    shutil.copy(original, copy)
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    original.unlink()
+    run("index", labelled_copy, "--index", target)
+    found = json.loads(run("query", copy, "--index", target, "-k", "1", "--include-self", "--format", "json").stdout)
+    assert found["results"][0]["path"] == str(copy) and "also_at" not in found["results"][0]

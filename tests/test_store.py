@@ -127,7 +127,7 @@ def test_damaged_vectors_file_is_reported(tmp_path):
     vectors_file = tmp_path / "ix" / store.manifest["vectors_file"]
     store.close()
     vectors_file.write_bytes(b"garbage")
-    with pytest.raises(BadIndexError, match="cannot read"):
+    with pytest.raises(BadIndexError, match="does not match the checksum"):
         Store.open(tmp_path / "ix")
     vectors_file.unlink()
     with pytest.raises(BadIndexError, match="missing"):

@@ -1,0 +1,545 @@
+"""An HTTP vectorizer: any registered encoder behind the protocol of Weaviate's
+``img2vec-neural`` inference container.
+
+Endpoints::
+
+    GET  /.well-known/live    204 as soon as the process answers
+    GET  /.well-known/ready   204 once the encoder is loaded, 503 before
+    GET  /meta                the encoder: name, dim, preprocessing, weights, version
+    POST /vectors  (and /vectors/)
+         {"id": "...", "image": "<base64 of the image file>"}
+      -> {"id": "...", "vector": [...], "dim": N}
+
+A vector is exactly what ``imgsearch index`` stores for the same file: the
+same decode (draft size, megapixel limit), the same resize, the same encoder
+and the same L2 normalisation.  Bad requests get a 4xx with ``{"error": ...}``
+(Weaviate parses the body as JSON before it looks at the status, so even
+errors must be JSON).
+
+Concurrency: bodies are parsed and images decoded in a thread pool (Pillow
+releases the GIL), and one encoder thread embeds whatever has queued up,
+so concurrent requests share a batch and the model never runs twice at once.
+
+FastAPI and uvicorn are an optional extra; importing this module without
+them raises :class:`~imgsearch.errors.ImgsearchError` saying how to install
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import __version__
+from . import images as imgs
+from .encoders import Encoder, l2_normalize
+from .errors import ImgsearchError, UsageError, first_line
+
+MISSING_STACK_MESSAGE = "the vectorizer service needs FastAPI and uvicorn: pip install 'imgsearch[serve]'"
+
+
+def _import_stack():
+    """FastAPI and uvicorn, or the one-line error that says how to get them.
+
+    Kept in a function so that the check is the only thing that can fail
+    when the extra is missing: nothing below touches either package before.
+    """
+    try:
+        import fastapi
+        import uvicorn
+    except ImportError:
+        raise ImgsearchError(MISSING_STACK_MESSAGE) from None
+    return fastapi, uvicorn
+
+
+_fastapi, _uvicorn = _import_stack()
+
+from fastapi import Request  # noqa: E402  (only after the check above)
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException as _StarletteHTTPException  # noqa: E402
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+# A base64 body is 4/3 of the file: 20 MiB admits photos up to about 15 MiB,
+# far above any camera JPEG, while bounding what one request can make us hold.
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+# Long enough for requests sent together to meet in one batch, short enough
+# to be lost in the encoder's own time; only waited for when another
+# request is known to be on its way (see _Batcher).
+DEFAULT_BATCH_WINDOW_S = 0.005
+DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
+# The multi-worker path rebuilds the encoder in each worker from this.
+_SPEC_ENV = "IMGSEARCH_SERVE_SPEC"
+
+# uvicorn configures this logger, so our lines appear in its output, formatted alike.
+logger = logging.getLogger("uvicorn.error")
+
+
+class _Rejected(Exception):
+    """A request we answer with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# Media types sent with JSON bodies in practice.  Weaviate sends none at all;
+# curl -d sends form-urlencoded and some tools text/plain, whatever the body is.
+_LENIENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
+
+
+def _check_content_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media in _LENIENT_TYPES or media.endswith("+json"):
+        return
+    raise _Rejected(415, f"unsupported content type {media!r}: send a JSON body "
+                         '{"id": "...", "image": "<base64 of the image file>"} as application/json')
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed
+    ``limit``: from Content-Length before reading anything, and while
+    reading for bodies that declare no length (chunked) or lie about it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise _Rejected(400, "invalid Content-Length header") from None
+        if length > limit:
+            raise _Rejected(413, f"request body too large ({length} bytes; the limit is {limit})")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Rejected(413, f"request body too large (over the limit of {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _image_bytes(text: str) -> bytes:
+    """The file bytes of the ``image`` field.
+
+    Standard base64; a ``data:...;base64,`` prefix and line breaks (MIME
+    style) are tolerated because browsers and mail tools produce them, but
+    any other character is an error rather than silently skipped, so that a
+    mangled upload is reported instead of decoded into something else.
+    """
+    if text.startswith("data:") and ";base64," in text[:200]:
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _Rejected(400, f"'image' is not valid base64 ({first_line(exc)})") from None
+
+
+def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np.ndarray]:
+    """Request body to (id, resized pixels); runs in the decode pool.
+
+    The image is decoded from memory exactly as ``Index.add`` decodes a
+    file; the id is only echoed back, never used as a path.
+    """
+    if not body:
+        raise _Rejected(400, 'empty request body; expected JSON {"id": "...", "image": "<base64>"}')
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 too
+        raise _Rejected(400, f"invalid JSON ({first_line(exc)})") from None
+    if not isinstance(payload, dict):
+        raise _Rejected(422, 'the body must be a JSON object {"id": "...", "image": "<base64>"}')
+    for field in ("id", "image"):
+        if field not in payload:
+            raise _Rejected(422, f"missing field {field!r}")
+        if not isinstance(payload[field], str):
+            raise _Rejected(422, f"field {field!r} must be a string, not {type(payload[field]).__name__}")
+    data = _image_bytes(payload["image"])
+    if not data:
+        raise _Rejected(422, "'image' is empty")
+    try:
+        image = imgs.decode(data, draft_size=preprocessing.draft_size, max_megapixels=max_megapixels)
+        pixels = preprocessing.resize_image(image)
+    except imgs.DecodeError as exc:
+        reason = str(exc)
+        # decode() words every size refusal this way; too large is 413, the
+        # status a client treats as "do not retry this as it is".
+        raise _Rejected(413 if reason.startswith("image too large") else 422, reason) from None
+    except MemoryError:
+        raise _Rejected(413, "not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's plugins raise more kinds than they document
+        raise _Rejected(422, f"cannot process image ({type(exc).__name__}: {first_line(exc)})") from None
+    return payload["id"], pixels
+
+
+class _Batcher:
+    """Collects resized images and hands them to the encoder in batches.
+
+    One batch runs at a time.  Whatever queues up while it runs forms the
+    next batch, so under load batches fill without any waiting.  When the
+    encoder is idle a batch starts at once, unless another request is being
+    read or decoded right now: then it waits for that one, but no longer
+    than ``window_s`` after the first image queued.  A lone client thus pays
+    no latency for batching, while requests sent together share a batch.
+    """
+
+    def __init__(self, run_batch, max_batch: int, window_s: float):
+        self._run_batch = run_batch  # async: list of pixel arrays -> (n, dim) vectors
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._queue: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._incoming = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:  # only after a graceful-shutdown timeout
+            _, _, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(_Rejected(503, "the service is shutting down"))
+
+    @contextlib.contextmanager
+    def incoming(self):
+        """Marks a request as on its way to :meth:`submit`."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wake.set()
+
+    def submit(self, pixels: np.ndarray) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((loop.time(), pixels, future))
+        self._wake.set()
+        return future
+
+    async def _wait(self, timeout: float | None) -> bool:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                await self._wait(None)
+            deadline = self._queue[0][0] + self.window_s
+            while len(self._queue) < self.max_batch and self._incoming > 0:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._wait(remaining):
+                    break
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            batch = [item for item in batch if not item[2].done()]  # a caller gone since
+            if not batch:
+                continue
+            try:
+                vectors = await self._run_batch([pixels for _, pixels, _ in batch])
+            except asyncio.CancelledError:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(_Rejected(503, "the service is shutting down"))
+                raise
+            except Exception as exc:  # the callers report it; the loop must go on
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), vector in zip(batch, vectors):
+                if not future.done():
+                    future.set_result(vector)
+
+
+class _Service:
+    """The state behind one app: the encoder, its thread, the decode pool."""
+
+    def __init__(self, encoder: Encoder, *, max_body_bytes: int, max_megapixels: float,
+                 batch_window_s: float, max_batch: int, decode_threads: int):
+        self.encoder = encoder
+        self.max_body_bytes = max_body_bytes
+        self.max_megapixels = max_megapixels
+        self.batch_window_s = batch_window_s
+        self.max_batch = max_batch
+        self.decode_threads = decode_threads
+        self.ready = False
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.batches = 0  # embed calls made, for /meta and tests
+        self.vectors = 0
+        self._encoder_thread: ThreadPoolExecutor | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self.batcher: _Batcher | None = None
+
+    # -- lifecycle, on the event loop ----------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # One thread owns the model: loading and every batch run there, in
+        # order, so a batch can never start before the load has finished
+        # and two batches never run at once.
+        self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="imgsearch-encoder")
+        self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="imgsearch-decode")
+        self.batcher = _Batcher(self._run_batch, self.max_batch, self.batch_window_s)
+        self.batcher.start()
+        # Not awaited: the server must answer /live while the model loads.
+        loop.run_in_executor(self._encoder_thread, self._load)
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+        # No waiting for threads here: uvicorn only gets here once in-flight
+        # requests are answered (or its graceful timeout is over).
+        for pool in (self._decode_pool, self._encoder_thread):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- work, in threads ----------------------------------------------
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.encoder.ensure_loaded()
+        except Exception as exc:
+            # A loaded-but-broken service must stay up to say why: /ready and
+            # /vectors answer 503 with this message.
+            self.load_error = f"the encoder failed to load: {first_line(exc)}"
+            logger.error("imgsearch: %s", self.load_error)
+            return
+        self.load_seconds = time.perf_counter() - started
+        self.ready = True
+        logger.info("imgsearch: encoder %s loaded in %.1f s; ready", self.encoder.name, self.load_seconds)
+
+    def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if self.load_error is not None:
+            raise _Rejected(503, self.load_error)
+        # Exactly the library's path: Index.add stacks resized pixels, calls
+        # embed_pixels and normalises the rows.
+        vectors = l2_normalize(self.encoder.embed_pixels(np.stack(pixels)))
+        self.batches += 1
+        self.vectors += len(pixels)
+        return vectors
+
+    async def _run_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder_thread, self._embed, pixels)
+
+    # -- requests --------------------------------------------------------
+    def meta(self) -> dict:
+        encoder = self.encoder
+        return {
+            "encoder": encoder.name,
+            "dim": encoder.dim,
+            "preprocessing": encoder.preprocessing.to_dict(),
+            "weights": encoder.weights,
+            # Only valid once loaded (some encoders hash the file while loading).
+            "weights_fingerprint": encoder.weights_fingerprint() if self.ready else None,
+            "random_weights": encoder.random_weights,
+            "ready": self.ready,
+            "imgsearch_version": __version__,
+            "max_batch": self.max_batch,
+            "max_megapixels": self.max_megapixels,
+            "max_body_bytes": self.max_body_bytes,
+        }
+
+    async def vectorize(self, request) -> JSONResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            _check_content_type(request.headers.get("content-type"))
+            if self.load_error is not None:
+                raise _Rejected(503, self.load_error)
+            with self.batcher.incoming():
+                body = await _read_body(request, self.max_body_bytes)
+                ident, pixels = await loop.run_in_executor(
+                    self._decode_pool, _prepare, body, self.encoder.preprocessing, self.max_megapixels)
+                del body  # up to max_body_bytes; not needed while we wait for the encoder
+                future = self.batcher.submit(pixels)
+            vector = await future
+        except _Rejected as exc:
+            return _error(exc.status, exc.message)
+        except Exception as exc:
+            # Only the encoder can get here (bad requests are _Rejected):
+            # a server fault, reported as one, and the service goes on.
+            logger.exception("imgsearch: embedding failed")
+            return _error(500, f"the encoder failed ({type(exc).__name__}: {first_line(exc)})")
+        if not np.all(np.isfinite(vector)):
+            return _error(500, "the encoder produced a vector with NaN or infinite values")
+        return JSONResponse({"id": ident, "vector": vector.tolist(), "dim": int(vector.shape[0])})
+
+
+def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
+               batch_window_s: float = DEFAULT_BATCH_WINDOW_S, max_batch: int | None = None,
+               decode_threads: int | None = None):
+    """The ASGI app serving ``encoder`` (loaded or not: it loads in the
+    background once the server starts).
+
+    ``max_body_bytes``: larger requests get 413.  ``max_megapixels``: larger
+    images get 413, as ``index --max-megapixels`` skips them.
+    ``batch_window_s``: how long a batch may wait for requests already being
+    read or decoded (0: never).  ``max_batch``: images per encoder call
+    (default the encoder's own batch size).  ``decode_threads``: parallel
+    decodes (default the CPU count, at most 8).
+    """
+    max_batch = encoder.batch_size if max_batch is None else max_batch
+    decode_threads = decode_threads or min(8, os.cpu_count() or 2)
+    if not (isinstance(max_body_bytes, int) and max_body_bytes >= 1):
+        raise UsageError("the body size limit must be a positive number of bytes")
+    if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
+        raise UsageError("the megapixel limit must be a positive number")
+    if not (batch_window_s >= 0 and math.isfinite(batch_window_s)):
+        raise UsageError("the batch window must be zero or more seconds")
+    if max_batch < 1 or decode_threads < 1:
+        raise UsageError("the batch size and the decode threads must be at least 1")
+
+    service = _Service(encoder, max_body_bytes=max_body_bytes, max_megapixels=max_megapixels,
+                       batch_window_s=batch_window_s, max_batch=max_batch, decode_threads=decode_threads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    # No /docs or /openapi.json: the protocol is fixed, and the docs page
+    # would fetch scripts from a CDN.
+    app = _fastapi.FastAPI(title="imgsearch vectorizer", version=__version__, lifespan=lifespan,
+                           docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(_StarletteHTTPException)
+    async def http_error(request, exc):
+        # 404 and 405 in the same {"error": ...} shape as our own errors.
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, exc):
+        logger.error("imgsearch: unexpected error", exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}: {first_line(exc)})")
+
+    @app.get("/.well-known/live")
+    async def live():
+        return Response(status_code=204)
+
+    @app.get("/.well-known/ready")
+    async def ready():
+        if service.ready:
+            return Response(status_code=204)
+        return _error(503, service.load_error or "the encoder is still loading")
+
+    @app.get("/meta")
+    async def meta():
+        return JSONResponse(service.meta())
+
+    # Both spellings: Weaviate posts to /vectors, its smoke test to /vectors/.
+    # A redirect between them would make clients post the body twice.
+    async def vectors(request: Request):
+        return await service.vectorize(request)
+
+    app.add_api_route("/vectors", vectors, methods=["POST"])
+    app.add_api_route("/vectors/", vectors, methods=["POST"])
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket, or a one-line error (uvicorn would exit)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        # As uvicorn does: a restart must not wait for old connections' TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise ImgsearchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _app_from_environment():
+    """App factory of each worker process when ``workers > 1``: workers are
+    fresh processes, so they rebuild the encoder from its name and weights."""
+    from .encoders import load_registry
+
+    spec = json.loads(os.environ[_SPEC_ENV])
+    encoder = load_registry(spec["plugins_dir"]).create(spec["encoder"], spec["weights"])
+    return create_app(encoder, **spec["limits"])
+
+
+def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1, *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S, max_batch: int | None = None,
+        decode_threads: int | None = None, plugins_dir=None,
+        graceful_timeout_s: float | None = DEFAULT_GRACEFUL_TIMEOUT_S,
+        limit_concurrency: int | None = None, log_level: str = "info", access_log: bool = True) -> None:
+    """Serve ``encoder`` with uvicorn until SIGINT or SIGTERM.
+
+    On a signal the server stops accepting connections, answers the requests
+    it has (for up to ``graceful_timeout_s``; None: as long as they take)
+    and returns.  ``workers > 1`` runs that many processes, each with its own
+    copy of the model, rebuilt from the encoder's name and weights (pass
+    ``plugins_dir`` when the encoder comes from a plugin file).
+    ``limit_concurrency``: connections plus requests above which uvicorn
+    answers 503 (None: no limit).
+    """
+    if workers < 1:
+        raise UsageError("workers must be at least 1")
+    limits = {"max_body_bytes": max_body_bytes, "max_megapixels": max_megapixels,
+              "batch_window_s": batch_window_s, "max_batch": max_batch, "decode_threads": decode_threads}
+    options = {"log_level": log_level, "access_log": access_log, "lifespan": "on",
+               "timeout_graceful_shutdown": graceful_timeout_s, "limit_concurrency": limit_concurrency}
+    shown_host = f"[{host}]" if ":" in host else host
+
+    if workers == 1:
+        app = create_app(encoder, **limits)  # checks the limits before binding
+        sock = _bind(host, port)
+        config = _uvicorn.Config(app, host=host, port=port, **options)
+        # Logged by us: uvicorn is silent about sockets it did not open.
+        logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
+                    encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
+        try:
+            _uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            sock.close()
+        return
+
+    create_app(encoder, **limits)  # the same checks, once, before any worker starts
+    # uvicorn binds for its workers itself and exits on failure; a trial bind
+    # first turns "address in use" into our one-line error.
+    _bind(host, port).close()
+    os.environ[_SPEC_ENV] = json.dumps({
+        "encoder": encoder.name, "weights": encoder.weights,
+        "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
+    })
+    _uvicorn.run(f"{__name__}:_app_from_environment", factory=True, host=host, port=port,
+                 workers=workers, **options)
