@@ -16,7 +16,6 @@ import sys
 import click
 
 from . import __version__
-from .errors import BadIndexError  # light: no heavy imports behind it
 from .tables import columns
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

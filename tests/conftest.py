@@ -43,3 +43,33 @@ def registry():
     from imgsearch.encoders import load_registry
 
     return load_registry(PLUGINS_DIR)
+
+
+def run(*args, code=0):
+    """Invoke the CLI in-process (test plugins loaded) and check the exit
+    code; a failure must be one 'Error:' line and never a traceback."""
+    from click.testing import CliRunner
+
+    from imgsearch.cli import main
+
+    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.stderr
+    if code:
+        lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(lines) == 1, result.stderr
+    return result
+
+
+def run_process(*args, timeout=120):
+    """Run the installed `imgsearch` command with the test plugins; fail the
+    test if it does not finish in time."""
+    import subprocess
+    import sys
+
+    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
+    try:
+        return subprocess.run([exe, "--plugins-dir", str(PLUGINS_DIR), *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"imgsearch {args[0]} did not finish within {exc.timeout} s")

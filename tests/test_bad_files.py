@@ -16,37 +16,23 @@ import re
 import shutil
 import stat
 import struct
-import subprocess
-import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from imgsearch import images as imgs
-from imgsearch.cli import main
 
-from conftest import PLUGINS_DIR, SAMPLE_DATA
+from conftest import PLUGINS_DIR, SAMPLE_DATA, run, run_process
 
 PHOTOS = sorted((SAMPLE_DATA / "labelled").glob("*/*.jpg"))
 SUMMARY = re.compile(
     r"added (\d+), updated (\d+), moved (\d+), unchanged (\d+), duplicates (\d+), skipped (\d+) "
     r"in [0-9.]+ s; (.+) holds (\d+) images"
 )
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    assert "Traceback" not in result.stderr
-    if code:
-        lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-        assert len(lines) == 1, result.stderr
-    return result
 
 
 def summary(stdout: str, index_dir) -> tuple[int, ...]:
@@ -343,14 +329,8 @@ def test_strict_fails_with_one_error_line_and_still_indexes_the_good_files(tmp_p
 
 @pytest.mark.slow
 def test_a_real_process_goes_through_the_corpus_without_hanging(tmp_path, corpus):
-    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
     index_dir, errors = tmp_path / "ix", tmp_path / "errors.csv"
-    command = [exe, "--plugins-dir", str(PLUGINS_DIR), "index", *map(str, corpus.paths),
-               "--index", str(index_dir), "--encoder", "tiny-color", "--errors", str(errors)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"imgsearch index did not finish within {exc.timeout} s")
+    done = run_process("index", *corpus.paths, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     skipped = read_errors(errors)
@@ -393,14 +373,8 @@ def test_a_named_pipe_with_an_image_name_does_not_hang(tmp_path):
     photo(0, (64, 64)).save(root / "fine.jpg", "JPEG")
     pipe = root / "pipe.jpg"
     os.mkfifo(pipe)  # opening it for reading would wait for a writer forever
-    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
     index_dir, errors = tmp_path / "ix", tmp_path / "errors.csv"
-    command = [exe, "--plugins-dir", str(PLUGINS_DIR), "index", str(root), str(pipe),
-               "--index", str(index_dir), "--encoder", "tiny-color", "--errors", str(errors)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"imgsearch index did not finish within {exc.timeout} s")
+    done = run_process("index", root, pipe, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors)
     assert done.returncode == 0, done.stderr
     assert summary(done.stdout, index_dir)[0] == 1
     assert set(read_errors(errors)) <= {str(pipe)}

@@ -16,25 +16,13 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from imgsearch.cli import main
 
-from conftest import PLUGINS_DIR, SAMPLE_DATA
+from conftest import PLUGINS_DIR, SAMPLE_DATA, run
 
 CLASSES = {"church", "english_springer", "garbage_truck", "parachute", "tench"}
 QUERY = str(SAMPLE_DATA / "queries" / "church.jpg")
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    if code:
-        assert "Traceback" not in result.stderr
-        lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-        assert len(lines) == 1, result.stderr
-    return result
 
 
 @pytest.fixture

@@ -6,24 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from imgsearch.cli import main
 from imgsearch.evaluation import retrieval, score, stratified_folds
 
-from conftest import PLUGINS_DIR, SAMPLE_DATA
+from conftest import PLUGINS_DIR, SAMPLE_DATA, run
 
 CLASSES = ["church", "english_springer", "garbage_truck", "parachute", "tench"]
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(main, ["--plugins-dir", str(PLUGINS_DIR), *map(str, args)])
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    if code:
-        assert "Traceback" not in result.stderr
-        assert len([l for l in result.stderr.splitlines() if l.startswith("Error:")]) == 1
-    return result
 
 
 def test_metrics_equal_scikit_learn():

@@ -10,7 +10,6 @@ from imgsearch.encoders import Encoder, Registry, load_registry
 from imgsearch.errors import PluginError, UnknownEncoderError
 from imgsearch.preprocessing import Preprocessing
 
-from conftest import PLUGINS_DIR
 
 PLUGIN_SOURCE = textwrap.dedent(
     """

@@ -6,7 +6,6 @@ here; parity with the same weights is what these tests prove.
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from imgsearch.errors import WeightsError
 from imgsearch.images import decode

@@ -164,7 +164,7 @@ def test_editing_a_file_that_has_a_copy_keeps_the_copys_picture(store, files, co
 def test_swapping_two_files_swaps_their_pictures(store, files):
     ids = _add_all(store, files)
     a, b = str(files / "a.jpg"), str(files / "b.jpg")
-    vector_a, vector_b = store.vectors([ids[a]]), store.vectors([ids[b]])
+    vector_b = store.vectors([ids[b]])
     sync = Sync(store)
     # a now holds b's bytes and b holds a's: b's picture is found at a first
     assert sync.add(_facts(a, "sha-b.jpg"), None) == "duplicate"
