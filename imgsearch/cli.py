@@ -572,6 +572,47 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
                f"saved in {index_dir}")
 
 
+@main.command("serve-vectorizer")
+@click.option("--encoder", envvar="IMGSEARCH_ENCODER", default="resnet50", show_default=True, metavar="NAME",
+              help="Encoder to serve (env IMGSEARCH_ENCODER).")
+@weights_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 makes the service reachable from other machines.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes, each with its own copy of the model.")
+@click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
+              help="Largest request body accepted, in MiB.")
+@click.option("--max-megapixels", type=POSITIVE, default=100.0, show_default=True,
+              help="Refuse larger images (decompression-bomb guard).")
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a request may wait for others to share its encoder batch.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Most images in one encoder batch (default: the encoder's batch size).")
+@click.pass_context
+def serve_vectorizer(ctx, encoder, weights, host, port, workers, max_body_mb, max_megapixels, batch_window_ms,
+                     max_batch):
+    """Serve an encoder over HTTP as a Weaviate img2vec-neural inference service.
+
+    POST /vectors with {"id": ..., "image": "<base64 file bytes>"} returns the
+    vector 'imgsearch index' would store for that file.  Point Weaviate at
+    it with IMAGE_INFERENCE_API=http://HOST:PORT.  Needs the extra:
+    pip install 'imgsearch[serve]'.
+
+    \b
+    Example:
+      imgsearch serve-vectorizer --encoder efficientnet-lite0 --port 8081
+    """
+    from .encoders import load_registry
+    from .serve import run
+
+    model = load_registry(ctx.obj["plugins_dir"]).create(encoder, weights)
+    click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
+               f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
+    run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,
+        batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
+
+
 @main.command()
 @index_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)

@@ -36,7 +36,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,8 +55,9 @@ MISSING_STACK_MESSAGE = "the vectorizer service needs FastAPI and uvicorn: pip i
 def _import_stack():
     """FastAPI and uvicorn, or the one-line error that says how to get them.
 
-    Kept in a function so that the check is the only thing that can fail
-    when the extra is missing: nothing below touches either package before.
+    A function, so that this check runs before anything else in the module
+    touches either package and a missing extra gives this message rather
+    than a traceback from some import further down.
     """
     try:
         import fastapi
@@ -69,6 +72,7 @@ _fastapi, _uvicorn = _import_stack()
 from fastapi import Request  # noqa: E402  (only after the check above)
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException as _StarletteHTTPException  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -100,6 +104,53 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+# How much of a refused body is read and dropped after the answer, at most.
+_DRAIN_SECONDS = 10.0
+_DRAIN_MIN_BYTES = 64 * 1024 * 1024
+
+
+class _AnswerThenDrain(JSONResponse):
+    """An error sent before the request body was read, followed by reading
+    and dropping the rest of the body before the response ends.
+
+    A client that sends its whole body before it reads the answer, and asks
+    for the connection to close (Python's urllib does both), would otherwise
+    see "connection reset" instead of the error: uvicorn closes the socket
+    right after the response, and closing with unread data makes the kernel
+    send a reset that also discards the answer waiting in the client's
+    buffer.  Keep-alive clients (Weaviate's among them) are drained by
+    uvicorn itself.  The reading is bounded in bytes and in time, so a
+    client cannot hold the request open by sending without end.
+    """
+
+    def __init__(self, status: int, message: str, drain_bytes: int):
+        super().__init__({"error": message}, status_code=status)
+        self.drain_bytes = drain_bytes
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        # The whole answer goes out now (its Content-Length tells the client it
+        # is complete); the response only ends once the body is drained.
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DRAIN_SECONDS
+        drained = 0
+        while drained <= self.drain_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                break
+            if message["type"] != "http.request":  # the client went away
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 # Media types sent with JSON bodies in practice.  Weaviate sends none at all;
 # curl -d sends form-urlencoded and some tools text/plain, whatever the body is.
 _LENIENT_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
@@ -127,11 +178,16 @@ async def _read_body(request, limit: int) -> bytes:
             raise _Rejected(413, f"request body too large ({length} bytes; the limit is {limit})")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Rejected(413, f"request body too large (over the limit of {limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Rejected(413, f"request body too large (over the limit of {limit} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; it only has to be something other
+        # than the 500 an unexpected exception would log.
+        raise _Rejected(400, "the client disconnected while sending the body") from None
     return b"".join(chunks)
 
 
@@ -171,6 +227,10 @@ def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np
             raise _Rejected(422, f"missing field {field!r}")
         if not isinstance(payload[field], str):
             raise _Rejected(422, f"field {field!r} must be a string, not {type(payload[field]).__name__}")
+    try:
+        payload["id"].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800") cannot be echoed in UTF-8
+        raise _Rejected(422, "field 'id' is not valid Unicode") from None
     data = _image_bytes(payload["image"])
     if not data:
         raise _Rejected(422, "'image' is empty")
@@ -179,8 +239,8 @@ def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np
         pixels = preprocessing.resize_image(image)
     except imgs.DecodeError as exc:
         reason = str(exc)
-        # decode() words every size refusal this way; too large is 413, the
-        # status a client treats as "do not retry this as it is".
+        # decode() words every size refusal this way.  413, like a body over
+        # the limit: the upload is too big, not malformed.
         raise _Rejected(413 if reason.startswith("image too large") else 422, reason) from None
     except MemoryError:
         raise _Rejected(413, "not enough memory to decode this image") from None
@@ -326,8 +386,8 @@ class _Service:
         try:
             self.encoder.ensure_loaded()
         except Exception as exc:
-            # A loaded-but-broken service must stay up to say why: /ready and
-            # /vectors answer 503 with this message.
+            # The service stays up to say why (/ready and /vectors answer 503
+            # with this message) instead of exiting where nobody reads a log.
             self.load_error = f"the encoder failed to load: {first_line(exc)}"
             logger.error("imgsearch: %s", self.load_error)
             return
@@ -364,26 +424,32 @@ class _Service:
             "max_batch": self.max_batch,
             "max_megapixels": self.max_megapixels,
             "max_body_bytes": self.max_body_bytes,
+            # Since start, in this worker: how well requests share batches.
+            "served": {"vectors": self.vectors, "batches": self.batches},
         }
 
     async def vectorize(self, request) -> JSONResponse:
         loop = asyncio.get_running_loop()
+        body_read = False
         try:
             _check_content_type(request.headers.get("content-type"))
             if self.load_error is not None:
                 raise _Rejected(503, self.load_error)
             with self.batcher.incoming():
                 body = await _read_body(request, self.max_body_bytes)
+                body_read = True
                 ident, pixels = await loop.run_in_executor(
                     self._decode_pool, _prepare, body, self.encoder.preprocessing, self.max_megapixels)
                 del body  # up to max_body_bytes; not needed while we wait for the encoder
                 future = self.batcher.submit(pixels)
             vector = await future
         except _Rejected as exc:
-            return _error(exc.status, exc.message)
+            if body_read:
+                return _error(exc.status, exc.message)
+            return _AnswerThenDrain(exc.status, exc.message, max(4 * self.max_body_bytes, _DRAIN_MIN_BYTES))
         except Exception as exc:
-            # Only the encoder can get here (bad requests are _Rejected):
-            # a server fault, reported as one, and the service goes on.
+            # Bad requests are all _Rejected above; anything else is a fault
+            # of the encoder (or ours): a logged 500, and the service goes on.
             logger.exception("imgsearch: embedding failed")
             return _error(500, f"the encoder failed ({type(exc).__name__}: {first_line(exc)})")
         if not np.all(np.isfinite(vector)):
@@ -520,26 +586,69 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
                "timeout_graceful_shutdown": graceful_timeout_s, "limit_concurrency": limit_concurrency}
     shown_host = f"[{host}]" if ":" in host else host
 
-    if workers == 1:
-        app = create_app(encoder, **limits)  # checks the limits before binding
-        sock = _bind(host, port)
-        config = _uvicorn.Config(app, host=host, port=port, **options)
-        # Logged by us: uvicorn is silent about sockets it did not open.
-        logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
-                    encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
-        try:
-            _uvicorn.Server(config).run(sockets=[sock])
-        finally:
-            sock.close()
-        return
+    with _stop_signals_end_run() as stop:
+        if workers == 1:
+            app = create_app(encoder, **limits)  # checks the limits before binding
+            sock = _bind(host, port)
+            server = _uvicorn.Server(_uvicorn.Config(app, host=host, port=port, **options))
+            stop.attach(server)
+            # Logged by us: uvicorn is silent about sockets it did not open.
+            logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
+                        encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
+            try:
+                server.run(sockets=[sock])
+            finally:
+                sock.close()
+            return
 
-    create_app(encoder, **limits)  # the same checks, once, before any worker starts
-    # uvicorn binds for its workers itself and exits on failure; a trial bind
-    # first turns "address in use" into our one-line error.
-    _bind(host, port).close()
-    os.environ[_SPEC_ENV] = json.dumps({
-        "encoder": encoder.name, "weights": encoder.weights,
-        "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
-    })
-    _uvicorn.run(f"{__name__}:_app_from_environment", factory=True, host=host, port=port,
-                 workers=workers, **options)
+        create_app(encoder, **limits)  # the same checks, once, before any worker starts
+        # uvicorn binds for its workers itself and exits on failure; a trial
+        # bind first turns "address in use" into our one-line error.
+        _bind(host, port).close()
+        if stop.signalled:  # uvicorn's supervisor would not know
+            return
+        os.environ[_SPEC_ENV] = json.dumps({
+            "encoder": encoder.name, "weights": encoder.weights,
+            "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
+        })
+        _uvicorn.run(f"{__name__}:_app_from_environment", factory=True, host=host, port=port,
+                     workers=workers, **options)
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM make :func:`run` return instead of killing the process.
+
+    After its graceful shutdown uvicorn raises the signal that stopped it
+    once more, for the handler it replaced; by default that kills the
+    process (or raises KeyboardInterrupt), so a caller such as the CLI could
+    never finish normally.  This handler takes that signal instead.  One
+    that arrives before the server exists stops it as soon as it is attached.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self.server = None
+
+    def __call__(self, signum, frame):
+        self.signalled = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def attach(self, server) -> None:
+        self.server = server
+        if self.signalled:
+            server.should_exit = True
+
+
+@contextlib.contextmanager
+def _stop_signals_end_run():
+    handler = _StopOnSignal()
+    if threading.current_thread() is not threading.main_thread():
+        yield handler  # signals only ever reach the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield handler
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

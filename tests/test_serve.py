@@ -235,6 +235,8 @@ def _bad_requests():
         ("missing image", b'{"id": "a"}', {}, 422, "'image'"),
         ("id not a string", json.dumps({"id": 7, "image": base64.b64encode(photo).decode()}).encode(),
          {}, 422, "'id' must be a string"),
+        ("id with a lone surrogate", b'{"id": "\\ud800", "image": "' + base64.b64encode(photo) + b'"}',
+         {}, 422, "'id' is not valid Unicode"),
         ("image not a string", b'{"id": "a", "image": [1, 2, 3]}', {}, 422, "'image' must be a string"),
         ("invalid base64", b'{"id": "a", "image": "not base64!"}', {}, 400, "base64"),
         ("bad base64 padding", b'{"id": "a", "image": "abc"}', {}, 400, "base64"),
@@ -307,6 +309,28 @@ def test_chunked_body_over_the_limit_is_refused_while_reading(strict_service):
         assert "too large" in json.loads(response.read())["error"]
     finally:
         conn.close()
+    _still_serves(strict_service)
+
+
+@needs_stack
+@pytest.mark.parametrize("size, content_type, status", [
+    (16 * 1024 * 1024, "application/json", 413),
+    (16 * 1024 * 1024, "image/jpeg", 415),
+], ids=["too large", "unsupported type"])
+def test_clients_that_close_the_connection_still_read_the_error(strict_service, size, content_type, status):
+    # urllib sends the whole body before reading and asks the server to close
+    # the connection: the error must reach it, not a connection reset.  16 MiB
+    # is more than loopback buffers hold, so the client is still sending when
+    # the answer is ready.
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{strict_service.port}/vectors", data=b"x" * size,
+                                      headers={"Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == status
+    assert set(json.loads(caught.value.read())) == {"error"}
     _still_serves(strict_service)
 
 
@@ -658,3 +682,45 @@ def test_an_address_in_use_is_a_one_line_error(tiny):
         port = taken.getsockname()[1]
         with pytest.raises(ImgsearchError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve.run(tiny, "127.0.0.1", port)
+
+
+def test_ci_has_the_service_stack():
+    # The test extra installs FastAPI and uvicorn; in CI their absence must
+    # fail loudly instead of skipping every service test.
+    if os.environ.get("CI"):
+        assert HAVE_STACK, "FastAPI and uvicorn are missing: install the project with its [test] extra"
+
+
+@pytest.mark.slow
+@needs_stack
+def test_the_serve_vectorizer_command(tmp_path):
+    import base64
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
+    process = subprocess.Popen([exe, "--plugins-dir", str(PLUGINS_DIR), "serve-vectorizer", "--encoder", "tiny-color",
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/.well-known/ready").status == 204:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+                time.sleep(0.1)
+        body = json.dumps({"id": "a/../../b", "image": base64.b64encode(PHOTOS[0].read_bytes()).decode()})
+        answer = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/vectors", data=body.encode())).read())
+        assert answer["id"] == "a/../../b" and answer["dim"] == 48 and len(answer["vector"]) == 48
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert f"serving tiny-color (48-d) on http://127.0.0.1:{port}" in err
