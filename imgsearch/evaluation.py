@@ -6,6 +6,7 @@ cross-validation, a held-out folder) only decide who the neighbours are.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,22 +93,25 @@ def knn_ranked(neighbour_labels: list[list[str | None]], neighbour_scores: list[
     return ranked
 
 
-def retrieval(truth: list[str], neighbour_labels: list[list[str | None]], k: int) -> dict[str, float]:
+def retrieval(truth: list[str], neighbour_labels: list[list[str | None]], k: int,
+              available: list[int] | None = None) -> dict[str, float]:
     """Precision@k and mean average precision@k of the neighbour lists.
 
-    AP@k averages the precision at each rank that holds a relevant (same
-    label) neighbour, over min(k, relevant neighbours found in the top k)
-    ranks, so a list whose relevant items come first scores 1.
+    AP@k sums the precision at each rank (up to k) that holds a relevant
+    (same label) neighbour and divides by min(k, the number of relevant
+    images the search could have returned), ``available[i]`` for query i
+    (without it, the relevant neighbours found in the top k).
     """
     precisions, average_precisions = [], []
-    for true, labels in zip(truth, neighbour_labels):
+    for i, (true, labels) in enumerate(zip(truth, neighbour_labels)):
         relevant = np.array([label == true for label in labels[:k]], dtype=float)
         if not len(relevant):
             continue
         precisions.append(relevant.sum() / k)
-        if relevant.sum():
+        possible = min(k, available[i]) if available is not None else relevant.sum()
+        if relevant.sum() and possible:
             cumulative = np.cumsum(relevant) / np.arange(1, len(relevant) + 1)
-            average_precisions.append(float((cumulative * relevant).sum() / relevant.sum()))
+            average_precisions.append(float((cumulative * relevant).sum() / possible))
         else:
             average_precisions.append(0.0)
     return {f"precision@{k}": float(np.mean(precisions)) if precisions else 0.0,
@@ -216,6 +220,9 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
             raise UsageError("no labelled test images found (use class folders or --labels)")
         queries, kept, bad = index.embed_images(files, progress=progress)
         skipped += bad
+        if not kept:
+            raise UsageError(f"none of the {len(files)} labelled test images could be read "
+                             f"(first: {bad[0].path}: {bad[0].reason})")
         paths = [str(f.path) for f in kept]
         truth = [f.label for f in kept]
         store_ids, store_vectors = index.store.all_vectors()
@@ -248,28 +255,48 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
 
     neighbour_labels = [[label_of.get(i) for i in row] for row in neighbour_ids]
     scores = []
+    if len(set(truth)) < 2:
+        notes.append("only one label: every prediction is trivially right")
+    # How many same-label images each query's search could have found.
+    pool = Counter(e.label for e in entries)
+    if mode == "held-out":
+        available = [pool[t] for t in truth]
+    elif mode == "leave-one-out":
+        available = [pool[t] - 1 for t in truth]
+    else:
+        available = [0] * len(truth)
+        for test_rows, _, train_rows in folds_of:
+            train_pool = Counter(truth[r] for r in train_rows)
+            for row in test_rows:
+                available[row] = train_pool[truth[row]]
     for k in ks:
         for vote_name in votes:
             ranked = knn_ranked(neighbour_labels, neighbour_scores, k, vote_name, temperature)
             result = score("knn", k, vote_name, truth, ranked)
-            result.retrieval = retrieval(truth, neighbour_labels, k)
+            result.retrieval = retrieval(truth, neighbour_labels, k, available)
             scores.append(result)
     if model is not None:
         if mode == "leave-one-out":
             notes.append("no linear classifier row: leave-one-out would refit it once per image; use --cv")
         else:
             ranked = [None] * len(truth)
-            for test_rows, test_vectors, train_rows in folds_of:
-                fold_model = model
-                if train_rows is not None:  # refit on the training folds, with the chosen C
-                    from . import linear as linear_module
+            try:
+                for test_rows, test_vectors, train_rows in folds_of:
+                    fold_model = model
+                    if train_rows is not None:  # refit on the training folds
+                        from . import linear as linear_module
 
-                    fold_model = linear_module.fit(vectors[train_rows], [truth[r] for r in train_rows],
-                                                   method=model.method, C=model.C, seed=seed)
-                fold_ranked, _ = fold_model.predict(test_vectors)
-                for row, labels_ranked in zip(test_rows, fold_ranked):
-                    ranked[row] = labels_ranked
-            scores.append(score("linear", None, None, truth, ranked))
+                        fold_model = linear_module.fit(vectors[train_rows], [truth[r] for r in train_rows],
+                                                       method=model.method, C=model.C, seed=seed)
+                    fold_ranked, _ = fold_model.predict(test_vectors)
+                    for row, labels_ranked in zip(test_rows, fold_ranked):
+                        ranked[row] = labels_ranked
+                scores.append(score("linear", None, None, truth, ranked))
+                if mode == "cv":
+                    notes.append(f"linear row: refitted per fold with C={model.C:g}, which train-classifier "
+                                 "chose on all labelled images, so it is slightly optimistic")
+            except ImgsearchError as exc:  # e.g. scikit-learn missing: keep the kNN results
+                notes.append(f"no linear classifier row: {exc}")
     near = sum(b is not None and b >= NEAR_DUPLICATE for b in best)
     name = f"cv-{folds}" if mode == "cv" else mode
     return Evaluation(name, paths, truth, scores, near, skipped, notes, time.perf_counter() - started)

@@ -514,9 +514,14 @@ class Index:
         neighbours, or (``method="linear"``) by the trained linear classifier."""
         if method == "linear":
             model = self.classifier()
-            vectors, _ = self.embed_files(paths)
+            if model.coef.shape[1] != self.store.dim:
+                raise IndexMismatchError("the classifier does not fit this index's vectors; train it again")
+            vectors, hashes = self.embed_files(paths)
             ranked, confidence = model.predict(vectors)
-            neighbours = self.store.search(vectors, k)
+            # The neighbours are shown for context, without the image itself.
+            found = self.store.search(vectors, k if include_self else k + 1)
+            neighbours = [hits[:k] if include_self else [h for h in hits if h.entry.sha256 != sha][:k]
+                          for hits, sha in zip(found, hashes)]
             return [Classification(str(p), labels[0], float(c), hits)
                     for p, labels, c, hits in zip(paths, ranked, confidence, neighbours)]
         if method != "knn":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ImgsearchError, UsageError
+from .errors import ImgsearchError, UsageError, first_line
 
 MODEL_FILE = "classifier.npz"
 METHODS = ("logreg", "svm")
@@ -49,7 +50,8 @@ class LinearModel:
 
     def predict(self, vectors: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
         """Labels ranked best first for each row, and the confidence of the
-        first: the softmax probability for logreg, the margin share for svm."""
+        first: the softmax of the class scores (the model's probability for
+        logreg; for svm only a monotone score, not a calibrated probability)."""
         scores = self.decision(vectors)
         order = np.argsort(-scores, axis=1)
         ranked = [[self.classes[j] for j in row] for row in order]
@@ -74,10 +76,14 @@ class LinearModel:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                return cls(meta["method"], float(meta["C"]), list(meta["classes"]), data["coef"],
-                           data["intercept"], meta["fingerprint"], meta.get("cv_accuracy"))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ImgsearchError(f"the classifier file {path} is damaged ({exc}); train it again") from None
+                model = cls(meta["method"], float(meta["C"]), list(meta["classes"]), data["coef"],
+                            data["intercept"], meta["fingerprint"], meta.get("cv_accuracy"))
+            rows = len(model.classes) if len(model.classes) > 2 else 1
+            if model.coef.ndim != 2 or model.coef.shape[0] != rows or model.intercept.shape != (rows,):
+                raise ValueError("arrays do not match the classes")
+            return model
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise ImgsearchError(f"the classifier file {path} is damaged ({first_line(exc)}); train it again") from None
 
 
 def _estimator(method: str, C: float, seed: int):
@@ -106,6 +112,9 @@ def fit(vectors: np.ndarray, labels: list[str], *, method: str = "logreg", C: fl
     cv_accuracy = None
     if C == "auto":
         smallest = min(int(np.sum(y == c)) for c in classes)
+        if smallest < 2:
+            raise UsageError("choosing C by cross-validation needs at least 2 images of every label; "
+                             "pass --C with a value")
         splits = max(2, min(folds, smallest))
         search = GridSearchCV(_estimator(method, 1.0, seed), {"C": list(C_GRID)},
                               cv=StratifiedKFold(splits, shuffle=True, random_state=seed), n_jobs=1)

@@ -173,3 +173,23 @@ def test_without_scikit_learn_training_says_how_to_install(tiny_index, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     err = run("train-classifier", "--index", tiny_index, code=1).stderr
     assert "pip install 'imgsearch[linear]'" in err
+
+
+def test_average_precision_counts_the_relevant_images_that_were_missed():
+    # one relevant image found at rank 1, another that could have been found was not
+    assert retrieval(["a"], [["a", "x", "x"]], 3, available=[2])["map@3"] == pytest.approx(0.5)
+    assert retrieval(["a"], [["a", "x", "a"]], 3, available=[2])["map@3"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_damaged_classifier_and_unreadable_test_images(tiny_index, tmp_path):
+    run("train-classifier", "--index", tiny_index, "--C", "1")
+    (tiny_index / "classifier.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    query = str(sorted((SAMPLE_DATA / "queries").iterdir())[0])
+    assert "is damaged" in run("classify", query, "--index", tiny_index, "--method", "linear", code=1).stderr
+    out = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "1", "--format", "json")
+    assert [json.loads(line)["method"] for line in out.stdout.splitlines()] == ["knn"]
+    assert "no linear classifier row" in out.stderr and "is damaged" in out.stderr
+    bad = tmp_path / "test" / "church"
+    bad.mkdir(parents=True)
+    (bad / "broken.jpg").write_bytes(b"nope")
+    assert "could be read" in run("evaluate", "--index", tiny_index, "--test", tmp_path / "test", code=2).stderr
