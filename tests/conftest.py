@@ -39,6 +39,14 @@ def labelled_copy(tmp_path):
 
 
 @pytest.fixture
+def index_dir(tmp_path):
+    """An index of sample_data/labelled made with the tiny-color test encoder."""
+    target = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color")
+    return target
+
+
+@pytest.fixture
 def registry():
     from imgsearch.encoders import load_registry
 

@@ -25,13 +25,6 @@ CLASSES = {"church", "english_springer", "garbage_truck", "parachute", "tench"}
 QUERY = str(SAMPLE_DATA / "queries" / "church.jpg")
 
 
-@pytest.fixture
-def index_dir(tmp_path):
-    target = tmp_path / "ix"
-    run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color")
-    return target
-
-
 def test_index_summary_and_rerun_adds_nothing(tmp_path):
     target = tmp_path / "ix"
     first = run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color", "--batch-size", "7")

@@ -57,24 +57,17 @@ def test_stratified_folds_are_disjoint_balanced_and_seeded():
     assert [f.tolist() for f in stratified_folds(labels, 5, seed=2)] != [f.tolist() for f in folds]
 
 
-@pytest.fixture
-def tiny_index(tmp_path):
-    target = tmp_path / "ix"
-    run("index", SAMPLE_DATA / "labelled", "--index", target, "--encoder", "tiny-color")
-    return target
-
-
-def test_leave_one_out_equals_brute_force_knn(tiny_index):
+def test_leave_one_out_equals_brute_force_knn(index_dir):
     from imgsearch.index import Index
     from imgsearch.knn import vote
 
-    lines = run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "1,3", "--vote", "both",
+    lines = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1,3", "--vote", "both",
                 "--format", "json").stdout.splitlines()
     records = [json.loads(line) for line in lines]
     assert [(r["k"], r["vote"]) for r in records] == [(1, "weighted"), (1, "majority"), (3, "weighted"), (3, "majority")]
     assert all(r["method"] == "knn" and r["n"] == 50 and r["mode"] == "leave-one-out" for r in records)
 
-    with Index.open(tiny_index, plugins_dir=PLUGINS_DIR) as index:
+    with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
         entries, vectors = index.labelled_vectors()
     labels = [e.label for e in entries]
     similarity = vectors @ vectors.T
@@ -88,13 +81,13 @@ def test_leave_one_out_equals_brute_force_knn(tiny_index):
         assert record["top1"] == pytest.approx(correct / len(entries))
 
 
-def test_cross_validation_and_held_out_with_a_report(tiny_index, tmp_path):
-    table = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "1,5").stdout
+def test_cross_validation_and_held_out_with_a_report(index_dir, tmp_path):
+    table = run("evaluate", "--index", index_dir, "--cv", "5", "-k", "1,5").stdout
     assert table.startswith("cv-5: 50 labelled images")
     assert "per class, best setting" in table and "near-duplicates:" in table
 
     report = tmp_path / "report"
-    out = run("evaluate", "--index", tiny_index, "--test", SAMPLE_DATA / "labelled", "-k", "1",
+    out = run("evaluate", "--index", index_dir, "--test", SAMPLE_DATA / "labelled", "-k", "1",
               "--format", "json", "--report", report).stdout
     record = json.loads(out)
     # the test images are the indexed ones: each finds itself at cosine 1
@@ -112,45 +105,45 @@ def test_cross_validation_and_held_out_with_a_report(tiny_index, tmp_path):
         assert picture.size[0] > 200 and picture.size[1] > 200
 
 
-def test_evaluate_usage_errors(tiny_index):
-    run("evaluate", "--index", tiny_index, code=2)
-    run("evaluate", "--index", tiny_index, "--cv", "5", "--leave-one-out", code=2)
-    run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "0", code=2)
-    run("evaluate", "--index", tiny_index, "--leave-one-out", "-k", "one", code=2)
-    assert "at least 11 images" in run("evaluate", "--index", tiny_index, "--cv", "11", code=2).stderr
+def test_evaluate_usage_errors(index_dir):
+    run("evaluate", "--index", index_dir, code=2)
+    run("evaluate", "--index", index_dir, "--cv", "5", "--leave-one-out", code=2)
+    run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "0", code=2)
+    run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "one", code=2)
+    assert "at least 11 images" in run("evaluate", "--index", index_dir, "--cv", "11", code=2).stderr
 
 
-def test_linear_classifier_is_trained_used_compared_and_refused_when_stale(tiny_index, tmp_path):
-    trained = run("train-classifier", "--index", tiny_index, "--method", "logreg").stdout
+def test_linear_classifier_is_trained_used_compared_and_refused_when_stale(index_dir, tmp_path):
+    trained = run("train-classifier", "--index", index_dir, "--method", "logreg").stdout
     assert trained.startswith("trained logreg on 5 labels with C=")
-    assert (tiny_index / "classifier.npz").exists()
+    assert (index_dir / "classifier.npz").exists()
     queries = sorted(str(p) for p in (SAMPLE_DATA / "queries").iterdir())
-    records = [json.loads(line) for line in run("classify", *queries, "--index", tiny_index, "--method", "linear",
+    records = [json.loads(line) for line in run("classify", *queries, "--index", index_dir, "--method", "linear",
                                                  "--format", "json").stdout.splitlines()]
     assert all(r["label"] in CLASSES and 0 < r["confidence"] <= 1 for r in records)
 
-    lines = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "5", "--format", "json").stdout.splitlines()
+    lines = run("evaluate", "--index", index_dir, "--cv", "5", "-k", "5", "--format", "json").stdout.splitlines()
     methods = [json.loads(line)["method"] for line in lines]
     assert methods == ["knn", "linear"]
 
     extra = tmp_path / "extra"
     extra.mkdir()
     Image.new("RGB", (50, 50), (1, 2, 3)).save(extra / "new.png")
-    run("index", extra, "--index", tiny_index)
-    err = run("classify", queries[0], "--index", tiny_index, "--method", "linear", code=2).stderr
+    run("index", extra, "--index", index_dir)
+    err = run("classify", queries[0], "--index", index_dir, "--method", "linear", code=2).stderr
     assert "trained on another state of this index" in err
-    run("train-classifier", "--index", tiny_index, "--method", "svm", "--C", "1")
-    assert json.loads(run("classify", queries[0], "--index", tiny_index, "--method", "linear",
+    run("train-classifier", "--index", index_dir, "--method", "svm", "--C", "1")
+    assert json.loads(run("classify", queries[0], "--index", index_dir, "--method", "linear",
                           "--format", "json").stdout)["label"] in CLASSES
 
 
-def test_linear_classifier_matches_scikit_learn_predictions(tiny_index):
+def test_linear_classifier_matches_scikit_learn_predictions(index_dir):
     from sklearn.linear_model import LogisticRegression
 
     from imgsearch.index import Index
     from imgsearch.linear import fit
 
-    with Index.open(tiny_index, plugins_dir=PLUGINS_DIR) as index:
+    with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
         entries, vectors = index.labelled_vectors()
     labels = [e.label for e in entries]
     ours = fit(vectors, labels, method="logreg", C=10.0)
@@ -160,7 +153,7 @@ def test_linear_classifier_matches_scikit_learn_predictions(tiny_index):
     np.testing.assert_allclose(confidence, reference.predict_proba(vectors).max(axis=1), rtol=1e-5)
 
 
-def test_without_scikit_learn_training_says_how_to_install(tiny_index, monkeypatch):
+def test_without_scikit_learn_training_says_how_to_install(index_dir, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -171,7 +164,7 @@ def test_without_scikit_learn_training_says_how_to_install(tiny_index, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    err = run("train-classifier", "--index", tiny_index, code=1).stderr
+    err = run("train-classifier", "--index", index_dir, code=1).stderr
     assert "pip install 'imgsearch[linear]'" in err
 
 
@@ -181,15 +174,15 @@ def test_average_precision_counts_the_relevant_images_that_were_missed():
     assert retrieval(["a"], [["a", "x", "a"]], 3, available=[2])["map@3"] == pytest.approx((1 + 2 / 3) / 2)
 
 
-def test_damaged_classifier_and_unreadable_test_images(tiny_index, tmp_path):
-    run("train-classifier", "--index", tiny_index, "--C", "1")
-    (tiny_index / "classifier.npz").write_bytes(b"PK\x03\x04 not really a zip")
+def test_damaged_classifier_and_unreadable_test_images(index_dir, tmp_path):
+    run("train-classifier", "--index", index_dir, "--C", "1")
+    (index_dir / "classifier.npz").write_bytes(b"PK\x03\x04 not really a zip")
     query = str(sorted((SAMPLE_DATA / "queries").iterdir())[0])
-    assert "is damaged" in run("classify", query, "--index", tiny_index, "--method", "linear", code=1).stderr
-    out = run("evaluate", "--index", tiny_index, "--cv", "5", "-k", "1", "--format", "json")
+    assert "is damaged" in run("classify", query, "--index", index_dir, "--method", "linear", code=1).stderr
+    out = run("evaluate", "--index", index_dir, "--cv", "5", "-k", "1", "--format", "json")
     assert [json.loads(line)["method"] for line in out.stdout.splitlines()] == ["knn"]
     assert "no linear classifier row" in out.stderr and "is damaged" in out.stderr
     bad = tmp_path / "test" / "church"
     bad.mkdir(parents=True)
     (bad / "broken.jpg").write_bytes(b"nope")
-    assert "could be read" in run("evaluate", "--index", tiny_index, "--test", tmp_path / "test", code=2).stderr
+    assert "could be read" in run("evaluate", "--index", index_dir, "--test", tmp_path / "test", code=2).stderr
