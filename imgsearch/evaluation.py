@@ -225,8 +225,7 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
                              f"(first: {bad[0].path}: {bad[0].reason})")
         paths = [str(f.path) for f in kept]
         truth = [f.label for f in kept]
-        store_ids, store_vectors = index.store.all_vectors()
-        neighbour_ids, neighbour_scores, best = _neighbours(_flat_search(store_vectors, store_ids), queries, k_max)
+        neighbour_ids, neighbour_scores, best = _neighbours(index.store.nearest, queries, k_max)
         folds_of = [(np.arange(len(kept)), queries, None)]
     elif mode in ("leave-one-out", "cv"):
         paths = [e.path for e in entries]
@@ -236,8 +235,7 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
         neighbour_scores = [None] * len(entries)
         best = [None] * len(entries)
         if mode == "leave-one-out":
-            all_ids, all_vectors = index.store.all_vectors()
-            found = _neighbours(_flat_search(all_vectors, all_ids), vectors, k_max, exclude=list(ids))
+            found = _neighbours(index.store.nearest, vectors, k_max, exclude=list(ids))
             neighbour_ids, neighbour_scores, best = (list(x) for x in found)
             folds_of = [(np.arange(len(entries)), vectors, None)]
         else:

@@ -200,6 +200,16 @@ def decode(data: bytes, *, draft_size=None, max_megapixels: float = DEFAULT_MAX_
         raise DecodeError(f"cannot decode ({type(exc).__name__}: {first_line(exc)})") from None
 
 
+def to_pixels(data: bytes, preprocessing, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS):
+    """File bytes to an encoder's resized uint8 pixels, and the upright size.
+
+    The one road from bytes to pixels, shared by indexing, queries,
+    evaluation and the vectorizer service, so that their vectors agree.
+    """
+    image = decode(data, draft_size=preprocessing.draft_size, max_megapixels=max_megapixels)
+    return preprocessing.resize_image(image), image.size
+
+
 def read_bytes(path: Path) -> bytes:
     """The file's content, or :class:`DecodeError` with a reason."""
     try:

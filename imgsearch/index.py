@@ -298,10 +298,8 @@ class Index:
                 sha = sha256_bytes(data)
                 if not force and not sync.needs_pixels(path, sha):
                     return _Prepared(file, sha, stat.st_size, stat.st_mtime)
-                image = imgs.decode(data, draft_size=encoder.preprocessing.draft_size,
-                                    max_megapixels=max_megapixels)
-                return _Prepared(file, sha, stat.st_size, stat.st_mtime,
-                                 encoder.preprocessing.resize_image(image), *image.size)
+                pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels)
+                return _Prepared(file, sha, stat.st_size, stat.st_mtime, pixels, *size)
             except imgs.DecodeError as exc:
                 return _Prepared(file, reason=str(exc))
             except OSError as exc:
@@ -412,11 +410,11 @@ class Index:
         for path in paths:
             try:
                 data = imgs.read_bytes(Path(path))
-                image = imgs.decode(data, draft_size=self.encoder.preprocessing.draft_size)
+                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing)
             except imgs.DecodeError as exc:
                 raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
             hashes.append(sha256_bytes(data))
-            pixels.append(self.encoder.preprocessing.resize_image(image))
+            pixels.append(image_pixels)
         if not pixels:
             raise UsageError("no query images given")
         return l2_normalize(self.encoder.embed_pixels(np.stack(pixels))), hashes
@@ -445,8 +443,7 @@ class Index:
 
         def load(file):
             try:
-                image = imgs.decode(imgs.read_bytes(file.path), draft_size=prep.draft_size)
-                return file, prep.resize_image(image), None
+                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep)[0], None
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 

@@ -235,8 +235,7 @@ def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np
     if not data:
         raise _Rejected(422, "'image' is empty")
     try:
-        image = imgs.decode(data, draft_size=preprocessing.draft_size, max_megapixels=max_megapixels)
-        pixels = preprocessing.resize_image(image)
+        pixels, _ = imgs.to_pixels(data, preprocessing, max_megapixels=max_megapixels)
     except imgs.DecodeError as exc:
         reason = str(exc)
         # decode() words every size refusal this way.  413, like a body over

@@ -606,11 +606,16 @@ class Store:
             if not self.writable:
                 self._db.execute("COMMIT")
 
-    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS answer: scores and ids ``(n, min(k, count))`` of the
+        vectors loaded when this store was opened (ids never -1)."""
         k = min(int(k), self.count)
-        if k <= 0 or len(queries) == 0:
+        return self._faiss.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        if min(int(k), self.count) <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
-        scores, ids = self._faiss.search(queries, k)
+        scores, ids = self.nearest(queries, k)
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         rows: dict[int, Entry] = {}
         for start in range(0, len(wanted), 500):  # SQLite caps bound parameters
