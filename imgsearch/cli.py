@@ -170,6 +170,16 @@ weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
     help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
 )
+runtime_option = click.option(
+    "--runtime", type=click.Choice(["auto", "openvino", "keras"]), default="auto", show_default=True,
+    help="Where the encoder runs: auto picks OpenVINO (exported once, cached) and falls back to Keras.",
+)
+
+
+def precision_option(help_text: str, choices=("fp32", "bf16", "int8")):
+    return click.option("--precision", type=click.Choice(list(choices)), default=None, help=help_text)
+
+
 check_encoder_option = click.option(
     "--encoder", default=None, metavar="NAME",
     help="Encoder to embed with; must be the one the index was built with (the default).",
@@ -180,10 +190,15 @@ images_argument = click.argument("images", nargs=-1, required=True,
                                  type=click.Path(exists=True, dir_okay=False))
 
 
-def _open(ctx, index_dir, encoder=None, weights=None):
+def _open(ctx, index_dir, encoder=None, weights=None, runtime="auto", precision=None):
     from .index import Index
 
-    return Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], encoder=encoder, weights=weights)
+    return Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], encoder=encoder, weights=weights,
+                      runtime=runtime, precision=precision)
+
+
+READ_PRECISION_HELP = ("Precision to embed with (default: the index's own; fp32 and bf16 work on "
+                       "any index, int8 only on an int8 index).")
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -252,6 +267,9 @@ def encoders(ctx, fmt):
 @weights_option
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV of path,label rows; overrides folder-name labels.")
+@runtime_option
+@precision_option("Precision of a new index (default fp32): bf16 and int8 are faster and approximate "
+                  "fp32; int8 is calibrated on the images being indexed. An existing index keeps its own.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Commit to disk after this many new images.")
@@ -262,8 +280,8 @@ def encoders(ctx, fmt):
               help="Write every skipped path and its reason to this CSV file.")
 @click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
 @click.pass_context
-def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commit_every, max_megapixels,
-          prune, errors_csv, strict):
+def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
+          max_megapixels, prune, errors_csv, strict):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -282,9 +300,10 @@ def index(ctx, paths, index_dir, encoder, weights, labels_csv, batch_size, commi
     errors_out = _open_errors_csv(errors_csv, index_dir) if errors_csv else None
     labels = read_labels_csv(labels_csv) if labels_csv else None
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
-                     default_encoder=os.environ.get("IMGSEARCH_ENCODER")) as idx:
+                     default_encoder=os.environ.get("IMGSEARCH_ENCODER"), runtime=runtime,
+                     precision=precision, calibration=list(paths)) as idx:
         _warn_if_random(idx)
-        click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d)", err=True)
+        click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
                          max_megapixels=max_megapixels, progress=_progress_bar("indexing"))
         pruned = idx.prune() if prune else None
@@ -380,9 +399,11 @@ def verify(ctx, index_dir, repair):
 @click.option("--include-self", is_flag=True, help="Allow an indexed image to be its own neighbour.")
 @check_encoder_option
 @weights_option
+@runtime_option
+@precision_option(READ_PRECISION_HELP)
 @format_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, fmt):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
@@ -390,7 +411,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
     """
-    with _open(ctx, index_dir, encoder, weights) as idx:
+    with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         if idx.store.count == 0:
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
@@ -430,9 +451,12 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, fmt):
               help="knn: neighbours vote; linear: the classifier of 'imgsearch train-classifier'.")
 @check_encoder_option
 @weights_option
+@runtime_option
+@precision_option(READ_PRECISION_HELP)
 @format_option
 @click.pass_context
-def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, fmt):
+def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
+             precision, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -440,7 +464,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
       imgsearch classify new.jpg --index my-index
       imgsearch classify *.jpg --index my-index -k 10 --vote majority --format csv
     """
-    with _open(ctx, index_dir, encoder, weights) as idx:
+    with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method)
@@ -493,9 +517,11 @@ def _k_list(ctx, param, value):
               help="json: JSON Lines, one object per evaluated setting.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
+@runtime_option
+@precision_option(READ_PRECISION_HELP + " Used for --test images.")
 @click.pass_context
 def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks, votes, temperature, seed,
-             fmt, report_dir):
+             fmt, report_dir, runtime, precision):
     """Measure how accurate classification and retrieval are on labelled images.
 
     Choose one: --test (held-out labelled folders), --cv K, or --leave-one-out.
@@ -519,7 +545,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     if labels_csv and not test_paths:
         raise click.UsageError("--labels labels the --test images; the index has its own labels")
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
-    with _open(ctx, index_dir) as idx:
+    with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
         result = run_evaluation(
             idx, mode=mode, test_paths=list(test_paths), folds=cv_folds or 5, ks=ks,
@@ -576,6 +602,10 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
 @click.option("--encoder", envvar="IMGSEARCH_ENCODER", default="resnet50", show_default=True, metavar="NAME",
               help="Encoder to serve (env IMGSEARCH_ENCODER).")
 @weights_option
+@runtime_option
+@precision_option("Precision (default fp32); int8 needs --calibration.")
+@click.option("--calibration", "calibration_paths", multiple=True, type=click.Path(exists=True),
+              metavar="PATH", help="Images (files or folders; repeatable) that calibrate --precision int8.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 makes the service reachable from other machines.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
@@ -590,8 +620,8 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Most images in one encoder batch (default: the encoder's batch size).")
 @click.pass_context
-def serve_vectorizer(ctx, encoder, weights, host, port, workers, max_body_mb, max_megapixels, batch_window_ms,
-                     max_batch):
+def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_paths, host, port, workers,
+                     max_body_mb, max_megapixels, batch_window_ms, max_batch):
     """Serve an encoder over HTTP as a Weaviate img2vec-neural inference service.
 
     POST /vectors with {"id": ..., "image": "<base64 file bytes>"} returns the
@@ -604,9 +634,18 @@ def serve_vectorizer(ctx, encoder, weights, host, port, workers, max_body_mb, ma
       imgsearch serve-vectorizer --encoder efficientnet-lite0 --port 8081
     """
     from .encoders import load_registry
+    from .runtime import Calibration, RuntimeOptions
     from .serve import run
 
+    if calibration_paths and precision != "int8":
+        raise click.UsageError("--calibration calibrates --precision int8 only")
     model = load_registry(ctx.obj["plugins_dir"]).create(encoder, weights)
+    if precision == "int8":
+        if not calibration_paths:
+            raise click.UsageError("--precision int8 needs --calibration PATH (images like those you will serve)")
+        model.use_runtime(Calibration.from_paths(calibration_paths, model.preprocessing).options(runtime))
+    else:
+        model.use_runtime(RuntimeOptions(runtime, precision or "fp32"))
     click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
                f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
     run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,

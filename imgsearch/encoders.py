@@ -72,6 +72,9 @@ class Encoder:
             weights = str(path.resolve())
         self.weights = weights
         self._loaded = False
+        self._forward = None  # set by ensure_loaded: normalised pixels to raw vectors
+        self.runtime_options = None  # RuntimeOptions; None means the defaults
+        self.runtime_name: str | None = None  # what actually runs, once loaded
 
     # -- description, cheap ---------------------------------------------
     @classmethod
@@ -98,6 +101,7 @@ class Encoder:
 
     def describe(self) -> dict:
         """What the manifest records about how vectors were made."""
+        options = self.options()
         return {
             "name": self.name,
             "dim": self.dim,
@@ -105,9 +109,32 @@ class Encoder:
             "weights": self.weights,
             "weights_fingerprint": self.weights_fingerprint(),
             "random_weights": self.random_weights,
+            "precision": options.precision,
+            "calibration": options.calibration_id,
         }
 
+    # -- how it runs -----------------------------------------------------
+    def use_runtime(self, options) -> "Encoder":
+        """Choose the runtime and precision (a :class:`RuntimeOptions`);
+        only before the encoder is loaded."""
+        if self._loaded:
+            raise RuntimeError("choose the runtime before the encoder is loaded")
+        self.runtime_options = options
+        return self
+
+    def options(self):
+        from .runtime import RuntimeOptions
+
+        return self.runtime_options or RuntimeOptions()
+
     # -- work, heavy -----------------------------------------------------
+    def build_model(self):
+        """Optional: the Keras model from normalised pixels ``(n, H, W, 3)``
+        to ``(n, dim)``, weights loaded.  An encoder that offers it can run
+        through OpenVINO (exported once and cached); one that does not
+        always runs through :meth:`load` and :meth:`embed_batch`."""
+        raise NotImplementedError
+
     def load(self) -> None:
         """Build the model and load the weights; raise WeightsError with a
         one-line message when that is impossible."""
@@ -120,7 +147,9 @@ class Encoder:
 
     def ensure_loaded(self) -> "Encoder":
         if not self._loaded:
-            self.load()
+            from . import runtime
+
+            self._forward, self.runtime_name = runtime.load(self, self.options())
             self._loaded = True
         return self
 
@@ -137,7 +166,7 @@ class Encoder:
         out = []
         for start in range(0, len(pixels), self.batch_size):
             batch = self.preprocessing.normalize(pixels[start : start + self.batch_size])
-            vectors = np.asarray(self.embed_batch(batch), dtype=np.float32)
+            vectors = np.asarray(self._forward(batch), dtype=np.float32)
             if vectors.shape != (len(batch), self.dim):
                 raise PluginError(
                     f"encoder {self.name!r} returned shape {vectors.shape}, "

@@ -22,7 +22,7 @@ import csv
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,8 @@ from . import knn
 from .encoders import Encoder, Registry, l2_normalize, load_registry
 from .errors import ImgsearchError, IndexMismatchError, Interrupted, NoImagesError, UsageError, first_line
 from .hashing import sha256_bytes
+from .pipeline import prefetch
+from .runtime import Calibration, RuntimeOptions, check_choice
 from .store import Entry, Hit, Store
 from .sync import FileFacts, Sync
 
@@ -122,8 +124,13 @@ def read_labels_csv(path) -> dict[str, str]:
     return labels
 
 
-def _matching_encoder(store: Store, registry: Registry, name: str | None, weights: str | None) -> Encoder:
-    """The encoder that made this index's vectors, loaded, or a one-line error."""
+def _matching_encoder(store: Store, registry: Registry, name: str | None, weights: str | None,
+                      runtime: str = "auto", precision: str | None = None) -> Encoder:
+    """The encoder that made this index's vectors, loaded, or a one-line error.
+
+    It runs at the precision the index was built with unless ``precision``
+    says otherwise; only a read-only use may differ, since an index's vectors
+    should all be made the same way."""
     recorded = store.manifest["encoder"]
     built_with = recorded["name"]
     if name and name != built_with:
@@ -142,6 +149,23 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
             f"index {store.directory} was built by a different version of encoder {built_with!r} "
             "(dimension or preprocessing changed); rebuild it"
         )
+    built_precision = recorded.get("precision", "fp32")  # indexes from before precisions were fp32
+    if runtime == "keras" and precision is None and not store.writable:
+        precision = "fp32"  # the reference path; its vectors are what bf16 and int8 approximate
+    precision = precision or built_precision
+    if precision != built_precision:
+        if store.writable:
+            raise IndexMismatchError(
+                f"index {store.directory} was built with --precision {built_precision}; "
+                f"add to it with the same precision, or build a new index"
+            )
+        if precision == "int8":
+            raise UsageError(
+                f"--precision int8 needs an index built with --precision int8 (the calibration "
+                f"comes from its images); index {store.directory} is {built_precision}"
+            )
+    encoder.use_runtime(RuntimeOptions(runtime, precision, calibration_id=(
+        recorded.get("calibration") if precision == "int8" else None)))
     encoder.ensure_loaded()
     if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
         raise IndexMismatchError(
@@ -155,22 +179,28 @@ class Index:
     """An open index plus the encoder that reads images for it."""
 
     def __init__(self, store: Store, registry: Registry, encoder: Encoder | None = None,
-                 wanted: tuple[str | None, str | None] = (None, None)):
+                 wanted: tuple = (None, None, "auto", None)):
         self.store = store
         self.registry = registry
         self._encoder = encoder
-        self._wanted = wanted  # (encoder name, weights) asked for, checked on first use
+        # (encoder name, weights, runtime, precision) asked for, checked on first use
+        self._wanted = wanted
 
     # -- opening ---------------------------------------------------------
     @classmethod
     def open(cls, directory, *, registry: Registry | None = None, plugins_dir=None,
-             encoder: str | None = None, weights: str | None = None, writable: bool = False) -> "Index":
+             encoder: str | None = None, weights: str | None = None, writable: bool = False,
+             runtime: str = "auto", precision: str | None = None) -> "Index":
         """An existing index (``writable``: locked for this process, e.g. to
         remove images).  ``encoder``/``weights`` are checked against what the
-        index was built with when images are first embedded."""
+        index was built with when images are first embedded.  ``runtime`` and
+        ``precision`` (default: the index's own) say how query images are
+        embedded; see :mod:`imgsearch.runtime`."""
+        check_choice(runtime, precision)  # bad values fail before any work
         store = Store.open(directory, writable=writable)
         try:
-            return cls(store, registry or load_registry(plugins_dir), wanted=(encoder, weights))
+            return cls(store, registry or load_registry(plugins_dir),
+                       wanted=(encoder, weights, runtime, precision))
         except BaseException:
             store.close()
             raise
@@ -178,20 +208,32 @@ class Index:
     @classmethod
     def build(cls, directory, *, encoder: str | None = None, weights: str | None = None,
               default_encoder: str | None = None, registry: Registry | None = None,
-              plugins_dir=None) -> "Index":
+              plugins_dir=None, runtime: str = "auto", precision: str | None = None,
+              calibration=None) -> "Index":
         """An index to add to: the existing one at ``directory`` (which must
-        match ``encoder`` and ``weights`` if given) or a new one, made with
-        ``encoder``, else ``default_encoder``, else resnet50."""
+        match ``encoder``, ``weights`` and ``precision`` if given) or a new
+        one, made with ``encoder``, else ``default_encoder``, else resnet50,
+        at ``precision`` (default fp32).  An int8 index is calibrated on the
+        images under the ``calibration`` paths (typically those about to be
+        added)."""
         registry = registry or load_registry(plugins_dir)
+        check_choice(runtime, precision)
         if Store.exists(directory):
             store = Store.open(directory, writable=True)
             try:
-                return cls(store, registry, _matching_encoder(store, registry, encoder, weights))
+                return cls(store, registry, _matching_encoder(store, registry, encoder, weights,
+                                                              runtime, precision))
             except BaseException:
                 store.close()
                 raise
         Store.check_creatable(directory)
         model = registry.create(encoder or default_encoder or DEFAULT_ENCODER, weights)
+        if precision == "int8":
+            if not calibration:
+                raise UsageError("an int8 index needs calibration images (pass the paths to index)")
+            model.use_runtime(Calibration.from_paths(calibration, model.preprocessing).options(runtime))
+        else:
+            model.use_runtime(RuntimeOptions(runtime, precision or "fp32"))
         # Load before creating anything on disk: a missing download must not
         # leave an empty index behind.
         model.ensure_loaded()
@@ -229,6 +271,8 @@ class Index:
             "weights": manifest["encoder"].get("weights"),
             "weights_fingerprint": manifest["encoder"].get("weights_fingerprint"),
             "random_weights": self.random_weights,
+            "precision": manifest["encoder"].get("precision", "fp32"),
+            "calibration": manifest["encoder"].get("calibration"),
             "format_version": manifest["format_version"],
             "created": manifest["created"],
             "updated": manifest["updated"],
@@ -287,17 +331,25 @@ class Index:
         encoder = self.encoder
         sync = Sync(self.store)
         count_before = self.store.count
+        # Workers consult the sync state while the main thread changes it.
+        sync_lock = threading.Lock()
 
         def prepare(file: imgs.ImageFile, *, force: bool = False) -> _Prepared:
             path = str(file.path)
             try:
                 stat = os.stat(file.path)
-                if not force and sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime):
-                    return _Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
+                if not force:
+                    with sync_lock:
+                        unchanged = sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime)
+                    if unchanged:
+                        return _Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
                 data = imgs.read_bytes(file.path)
                 sha = sha256_bytes(data)
-                if not force and not sync.needs_pixels(path, sha):
-                    return _Prepared(file, sha, stat.st_size, stat.st_mtime)
+                if not force:
+                    with sync_lock:
+                        needed = sync.needs_pixels(path, sha)
+                    if not needed:
+                        return _Prepared(file, sha, stat.st_size, stat.st_mtime)
                 pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels)
                 return _Prepared(file, sha, stat.st_size, stat.st_mtime, pixels, *size)
             except imgs.DecodeError as exc:
@@ -308,7 +360,8 @@ class Index:
                 return _Prepared(file, reason=f"cannot process ({type(exc).__name__}: {first_line(exc)})")
 
         try:
-            self._run_batches(files, labels, batch_size, commit_every, progress, report, sync, prepare)
+            self._run_batches(files, labels, batch_size, commit_every, progress, report, sync, prepare,
+                              sync_lock)
         except KeyboardInterrupt:
             # What is embedded already is worth keeping; the commit is atomic.
             with contextlib.suppress(ImgsearchError):
@@ -320,9 +373,11 @@ class Index:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _run_batches(self, files, labels, batch_size, commit_every, progress, report, sync, prepare):
+    def _run_batches(self, files, labels, batch_size, commit_every, progress, report, sync, prepare,
+                     sync_lock):
         counters = {"added": "added", "changed": "updated", "unchanged": "unchanged",
                     "relabelled": "unchanged", "moved": "moved"}
+        queue: list[_Prepared] = []  # read files waiting for their batch, in file order
 
         def embed(items):
             if not items:
@@ -330,25 +385,15 @@ class Index:
             vectors = l2_normalize(self.encoder.embed_pixels(np.stack([i.pixels for i in items])))
             return {id(item): vector for item, vector in zip(items, vectors)}
 
-        # Pillow releases the GIL while decoding, so threads decode in parallel.
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            for start in range(0, len(files), batch_size):
-                ready = []
-                for item in pool.map(prepare, files[start : start + batch_size]):
-                    if item.reason:
-                        report.skipped.append(imgs.Skipped(item.file.path, item.reason))
-                    elif item.unchanged:
-                        path = str(item.file.path)
-                        report.unchanged += 1
-                        report.relabelled += sync.unchanged(path, labels.get(path))
-                    else:
-                        ready.append(item)
-                vector_of = embed([item for item in ready if item.pixels is not None])
-                for item in ready:
+        def settle():
+            """Embed the queued pixels as one batch and record every queued file."""
+            vector_of = embed([item for item in queue if item.pixels is not None])
+            with sync_lock:
+                for item in queue:
                     path = str(item.file.path)
                     if item.pixels is None and sync.needs_pixels(path, item.sha256):
                         # Read as a copy of indexed content that an earlier
-                        # file of this batch has since replaced: embed it now.
+                        # file has since replaced: embed it now.
                         item = prepare(item.file, force=True)
                         if item.reason:
                             report.skipped.append(imgs.Skipped(item.file.path, item.reason))
@@ -362,12 +407,40 @@ class Index:
                     else:
                         setattr(report, counters[outcome], getattr(report, counters[outcome]) + 1)
                         report.relabelled += outcome == "relabelled"
-                # Work without new vectors (moves, copies, refreshed mtimes)
-                # is worth keeping too.
-                if sync.pending_vectors >= commit_every or len(sync) >= 4 * commit_every:
-                    sync.commit()
-                if progress:
-                    progress(min(start + batch_size, len(files)), len(files))
+            queue.clear()
+
+        def commit_if_due():
+            # Work without new vectors (moves, copies, refreshed mtimes) is
+            # worth keeping too.
+            if sync.pending_vectors >= commit_every or len(sync) >= 4 * commit_every:
+                sync.commit()
+
+        # Files are read and decoded ahead in worker threads while this thread
+        # runs the encoder; every encoder call gets a full batch of pixels
+        # (unchanged and unreadable files do not leave holes in it).
+        waiting = 0
+        prepared = prefetch(prepare, files, ahead=2 * batch_size)
+        with contextlib.closing(prepared):
+            for done, item in enumerate(prepared, start=1):
+                if item.reason:
+                    report.skipped.append(imgs.Skipped(item.file.path, item.reason))
+                elif item.unchanged:
+                    path = str(item.file.path)
+                    report.unchanged += 1
+                    with sync_lock:
+                        report.relabelled += sync.unchanged(path, labels.get(path))
+                else:
+                    queue.append(item)
+                    waiting += item.pixels is not None
+                if waiting >= batch_size or len(queue) >= 4 * batch_size:
+                    settle()
+                    waiting = 0
+                    commit_if_due()
+                if done % batch_size == 0 or done == len(files):
+                    commit_if_due()
+                    if progress:
+                        progress(done, len(files))
+            settle()
             sync.commit()
 
     def remove(self, paths) -> RemoveReport:
@@ -447,16 +520,26 @@ class Index:
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            for start in range(0, len(files), batch_size):
-                loaded = list(pool.map(load, files[start : start + batch_size]))
-                skipped += [imgs.Skipped(f.path, reason) for f, _, reason in loaded if reason]
-                good = [(f, pixels) for f, pixels, reason in loaded if not reason]
-                if good:
-                    kept += [f for f, _ in good]
-                    vectors.append(l2_normalize(self.encoder.embed_pixels(np.stack([p for _, p in good]))))
-                if progress:
-                    progress(min(start + batch_size, len(files)), len(files))
+        good = []
+
+        def flush():
+            if good:
+                kept.extend(f for f, _ in good)
+                vectors.append(l2_normalize(self.encoder.embed_pixels(np.stack([p for _, p in good]))))
+                good.clear()
+
+        loaded = prefetch(load, files, ahead=2 * batch_size)
+        with contextlib.closing(loaded):
+            for done, (file, pixels, reason) in enumerate(loaded, start=1):
+                if reason:
+                    skipped.append(imgs.Skipped(file.path, reason))
+                else:
+                    good.append((file, pixels))
+                if len(good) >= batch_size:
+                    flush()
+                if progress and (done % batch_size == 0 or done == len(files)):
+                    progress(done, len(files))
+            flush()
         matrix = np.concatenate(vectors) if vectors else np.empty((0, self.store.dim), np.float32)
         return matrix, kept, skipped
 

@@ -418,6 +418,8 @@ class _Service:
             # Only valid once loaded (some encoders hash the file while loading).
             "weights_fingerprint": encoder.weights_fingerprint() if self.ready else None,
             "random_weights": encoder.random_weights,
+            "precision": encoder.options().precision,
+            "runtime": encoder.runtime_name,
             "ready": self.ready,
             "imgsearch_version": __version__,
             "max_batch": self.max_batch,
@@ -556,8 +558,13 @@ def _app_from_environment():
     fresh processes, so they rebuild the encoder from its name and weights."""
     from .encoders import load_registry
 
+    from .runtime import RuntimeOptions
+
     spec = json.loads(os.environ[_SPEC_ENV])
     encoder = load_registry(spec["plugins_dir"]).create(spec["encoder"], spec["weights"])
+    # The parent cached the exported (and calibrated) model before starting
+    # workers, so the calibration id alone finds it.
+    encoder.use_runtime(RuntimeOptions(**spec["runtime"]))
     return create_app(encoder, **spec["limits"])
 
 
@@ -601,6 +608,10 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             return
 
         create_app(encoder, **limits)  # the same checks, once, before any worker starts
+        runtime = encoder.options()
+        if runtime.runtime != "keras":
+            # Export (and calibrate) once here, not in every worker at once.
+            encoder.ensure_loaded()
         # uvicorn binds for its workers itself and exits on failure; a trial
         # bind first turns "address in use" into our one-line error.
         _bind(host, port).close()
@@ -608,6 +619,8 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             return
         os.environ[_SPEC_ENV] = json.dumps({
             "encoder": encoder.name, "weights": encoder.weights,
+            "runtime": {"runtime": runtime.runtime, "precision": runtime.precision,
+                        "calibration_id": runtime.calibration_id},
             "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
         })
         _uvicorn.run(f"{__name__}:_app_from_environment", factory=True, host=host, port=port,

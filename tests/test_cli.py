@@ -32,7 +32,7 @@ def test_index_summary_and_rerun_adds_nothing(tmp_path):
         rf"added 50, updated 0, moved 0, unchanged 0, duplicates 0, skipped 0 in [0-9.]+ s; {re.escape(str(target))} holds 50 images\n",
         first.stdout,
     )
-    assert "encoder: tiny-color (48-d)" in first.stderr
+    assert "encoder: tiny-color (48-d, native)" in first.stderr
     again = run("index", SAMPLE_DATA / "labelled", "--index", target)
     assert again.stdout.startswith("added 0, updated 0, moved 0, unchanged 50, duplicates 0, skipped 0 ")
 

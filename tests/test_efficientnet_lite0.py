@@ -17,6 +17,7 @@ from PIL import Image
 
 from imgsearch.encoders import Registry
 from imgsearch.errors import WeightsError
+from imgsearch.runtime import RuntimeOptions
 from imgsearch_efficientnet_lite0 import EfficientNetLite0Encoder, register_encoders
 from imgsearch_efficientnet_lite0 import weights as lite_weights
 from imgsearch_efficientnet_lite0.torch_state import (
@@ -56,7 +57,9 @@ def _load(weights: str, cache: Path) -> EfficientNetLite0Encoder:
     # the cache tests need one folder they alone write to.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IMGSEARCH_CACHE_DIR", str(cache))
-        return EfficientNetLite0Encoder(weights).ensure_loaded()
+        # Keras, the reference path these tests pin down (tests/test_runtime.py
+        # compares OpenVINO with it).
+        return EfficientNetLite0Encoder(weights).use_runtime(RuntimeOptions("keras")).ensure_loaded()
 
 
 @pytest.fixture(scope="module")

@@ -82,15 +82,14 @@ class EfficientNetLite0Encoder(Encoder):
         return self._run(pixels)
 
     def classifier(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A numpy callable from normalised pixels to 1000 ImageNet logits.
-
-        It shares the loaded network, so asking for it costs no second load.
-        """
+        """A numpy callable from normalised pixels to 1000 ImageNet logits
+        (Keras; it shares the network when the encoder runs on Keras)."""
         from imgsearch.keras_support import inference_function
 
         from .model import INPUT_SIZE
 
-        self.ensure_loaded()
+        if self._network is None:  # the encoder may be running through OpenVINO
+            self.build_model()
         return inference_function(self._network, INPUT_SIZE)
 
 
