@@ -308,3 +308,10 @@ def test_closing_prefetch_early_stops_the_work():
     results.close()
     assert len(made) <= 6  # what was running or queued, not the rest
 
+
+
+def test_serving_int8_needs_calibration_images():
+    result = run("serve-vectorizer", "--encoder", "efficientnet-lite0", "--precision", "int8", code=2)
+    assert "needs --calibration" in result.stderr
+    result = run("serve-vectorizer", "--encoder", "efficientnet-lite0", "--calibration", LABELLED, code=2)
+    assert "calibrates --precision int8 only" in result.stderr
