@@ -78,7 +78,11 @@ def phase_naive(paths, args) -> float:
     import numpy as np
     from PIL import Image
 
-    encoder = _encoder(args.encoder, args.weights)
+    from imgsearch.encoders import load_registry
+
+    # Only build_model() and the preprocessing are needed: an encoder left
+    # unloaded keeps the default runtime (OpenVINO) out of the baseline.
+    encoder = load_registry().create(args.encoder, args.weights)
     model = encoder.build_model()
     prep = encoder.preprocessing
     size = prep.input_size

@@ -62,6 +62,12 @@ class Encoder:
     preprocessing: ClassVar[Preprocessing]
     batch_size: ClassVar[int] = 32
     default_weights: ClassVar[str] = "imagenet"
+    # The --precision values offered (bf16 and int8 need build_model).  An
+    # encoder should offer only those whose neighbours stay those of fp32.
+    # ``precision_notes`` explain a precision: why it is not offered (shown
+    # with the refusal) or what is not yet known (a warning when used).
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "int8")
+    precision_notes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, weights: str | None = None):
         weights = weights if weights else self.default_weights_spec()

@@ -44,7 +44,7 @@ def sample_pixels():
 
 
 def _encoder(name, runtime_name="auto", precision="fp32", weights=None, calibration=None):
-    encoder = load_registry().create(name, weights)
+    encoder = load_registry(PLUGINS_DIR).create(name, weights)
     if calibration is not None:
         encoder.use_runtime(calibration.options(runtime_name))
     else:
@@ -87,12 +87,12 @@ def test_resnet50_openvino_fp32_equals_keras_resnet50(sample_pixels):
 
 
 def test_bf16_and_int8_stay_close_to_fp32(sample_pixels, lite_keras):
-    bf16 = _encoder("efficientnet-lite0", precision="bf16")
+    bf16 = _encoder("lite0-any-precision", precision="bf16")
     # bf16 runs only where the CPU has it; elsewhere it says it runs fp32.
     assert bf16.runtime_name in ("openvino-bf16", "openvino-fp32")
     calibration = Calibration.from_paths([LABELLED], bf16.preprocessing)
     assert len(calibration.paths) == 50 and len(set(calibration.hashes)) == 50
-    int8 = _encoder("efficientnet-lite0", calibration=calibration)
+    int8 = _encoder("lite0-any-precision", calibration=calibration)
     assert int8.runtime_name == "openvino-int8"
     for encoder, floor in ((bf16, 0.99), (int8, 0.95)):
         vectors = encoder.embed_pixels(sample_pixels)
@@ -189,7 +189,7 @@ def test_bad_runtime_choices_are_one_line_errors(index_dir, tmp_path):
 
 def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path, caplog):
     ix = tmp_path / "ix8"
-    built = run("index", LABELLED, "--index", ix, "--encoder", "efficientnet-lite0", "--precision", "int8")
+    built = run("index", LABELLED, "--index", ix, "--encoder", "lite0-any-precision", "--precision", "int8")
     assert "openvino-int8" in built.stderr
     manifest = json.loads((ix / "manifest.json").read_text())
     calibration = Calibration.from_paths([LABELLED], load_registry().get("efficientnet-lite0").preprocessing)
@@ -211,7 +211,7 @@ def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path,
 
 def test_int8_queries_need_an_int8_index_and_survive_a_cleared_cache(tmp_path, monkeypatch, caplog):
     fp32_ix = tmp_path / "ix"
-    run("index", LABELLED, "--index", fp32_ix, "--encoder", "efficientnet-lite0")
+    run("index", LABELLED, "--index", fp32_ix, "--encoder", "lite0-any-precision")
     refused = run("query", SAMPLE_DATA / "queries" / "tench.jpg", "--index", fp32_ix, "--precision", "int8",
                   code=2)
     assert "needs an index built with --precision int8" in refused.stderr
@@ -219,7 +219,7 @@ def test_int8_queries_need_an_int8_index_and_survive_a_cleared_cache(tmp_path, m
     # The int8 model lives in the cache; elsewhere the index still answers, in fp32.
     monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     ix8 = tmp_path / "ix8"
-    run("index", LABELLED, "--index", ix8, "--encoder", "efficientnet-lite0", "--precision", "int8")
+    run("index", LABELLED, "--index", ix8, "--encoder", "lite0-any-precision", "--precision", "int8")
     shutil.rmtree(tmp_path / "cache")
     answered = run("classify", SAMPLE_DATA / "queries" / "tench.jpg", "--index", ix8, "--format", "json")
     assert json.loads(answered.stdout)["label"] == "tench"
@@ -311,7 +311,15 @@ def test_closing_prefetch_early_stops_the_work():
 
 
 def test_serving_int8_needs_calibration_images():
-    result = run("serve-vectorizer", "--encoder", "efficientnet-lite0", "--precision", "int8", code=2)
+    result = run("serve-vectorizer", "--encoder", "lite0-any-precision", "--precision", "int8", code=2)
     assert "needs --calibration" in result.stderr
     result = run("serve-vectorizer", "--encoder", "efficientnet-lite0", "--calibration", LABELLED, code=2)
     assert "calibrates --precision int8 only" in result.stderr
+
+
+def test_a_precision_an_encoder_does_not_offer_is_refused_with_its_reason(tmp_path):
+    result = run("index", LABELLED, "--index", tmp_path / "ix", "--encoder", "efficientnet-lite0",
+                 "--precision", "int8", code=2)
+    assert "offers --precision fp32, not int8" in result.stderr
+    assert "top-10" in result.stderr  # the measured reason
+    assert not (tmp_path / "ix").exists()
