@@ -234,24 +234,29 @@ def encoders(ctx, fmt):
       imgsearch encoders --format json
     """
     from .encoders import load_registry
+    from .runtime import exportable
 
     registry = load_registry(ctx.obj["plugins_dir"])
     rows = []
     for name in registry.names():
         encoder = registry.create(name)
         status = encoder.weights_status()
+        # bf16 and int8 run only on an exported Keras model.
+        precisions = list(encoder.precisions) if exportable(encoder) else ["fp32"]
         rows.append({
             "name": name, "dim": encoder.dim, "description": encoder.description,
             "weights": encoder.weights, "weights_available": status.available,
             "weights_detail": status.detail, "source": registry.source(name),
+            "precisions": precisions,
         })
     if fmt == "json":
         for row in rows:
             click.echo(json.dumps(row))
         return
     click.echo(_table(
-        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", r["description"]] for r in rows],
-        ["name", "dim", "weights here", "description"],
+        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", ",".join(r["precisions"]),
+          r["description"]] for r in rows],
+        ["name", "dim", "weights here", "precisions", "description"],
     ))
     for row in rows:
         if not row["weights_available"]:
@@ -669,9 +674,10 @@ def info(ctx, index_dir, fmt):
     if fmt == "json":
         click.echo(json.dumps(facts))
         return
-    for key in ("path", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint",
-                "format_version", "created", "updated"):
-        click.echo(f"{key + ':':<21}{facts[key]}")
+    for key in ("path", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
+                "calibration", "format_version", "created", "updated"):
+        if facts[key] is not None:
+            click.echo(f"{key + ':':<21}{facts[key]}")
     labels = facts["labels"]
     click.echo(f"{'labels:':<21}{len(labels)}")
     for label, count in labels.items():

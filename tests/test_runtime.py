@@ -195,6 +195,9 @@ def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path,
     calibration = Calibration.from_paths([LABELLED], load_registry().get("efficientnet-lite0").preprocessing)
     assert manifest["encoder"]["precision"] == "int8"
     assert manifest["encoder"]["calibration"] == calibration.id
+    facts = json.loads(run("info", "--index", ix, "--format", "json").stdout)
+    assert (facts["precision"], facts["calibration"]) == ("int8", calibration.id)
+    assert "precision:           int8" in run("info", "--index", ix).stdout
 
     found = json.loads(run("query", SAMPLE_DATA / "queries" / "church.jpg", "--index", ix, "-k", "5",
                            "--format", "json").stdout)
