@@ -32,8 +32,9 @@ from imgsearch_efficientnet_lite0 import EfficientNetLite0Encoder
 class Counted(EfficientNetLite0Encoder):
     name = "efficientnet-lite0-counted"
 
-    def embed_batch(self, pixels):
-        out = super().embed_batch(pixels)
+    # Counted where every runtime passes (OpenVINO bypasses embed_batch).
+    def embed_pixels(self, pixels):
+        out = super().embed_pixels(pixels)
         with open(os.environ["KILL_RESUME_LOG"], "a") as log:
             log.write(f"{len(pixels)}\\n")
         return out

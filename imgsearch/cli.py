@@ -197,8 +197,8 @@ def _open(ctx, index_dir, encoder=None, weights=None, runtime="auto", precision=
                       runtime=runtime, precision=precision)
 
 
-READ_PRECISION_HELP = ("Precision to embed with (default: the index's own; fp32 and bf16 work on "
-                       "any index, int8 only on an int8 index).")
+READ_PRECISION_HELP = ("Precision to embed with (default: the index's own); fp32 works on any index, "
+                       "bf16 where the encoder offers it, int8 only on an int8 index.")
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -274,7 +274,8 @@ def encoders(ctx, fmt):
               help="CSV of path,label rows; overrides folder-name labels.")
 @runtime_option
 @precision_option("Precision of a new index (default fp32): bf16 and int8 are faster and approximate "
-                  "fp32; int8 is calibrated on the images being indexed. An existing index keeps its own.")
+                  "fp32; int8 is calibrated on the images being indexed. An existing index keeps its "
+                  "own; naming another is an error.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Commit to disk after this many new images.")

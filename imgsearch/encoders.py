@@ -93,7 +93,10 @@ class Encoder:
         return self.weights.lower() == RANDOM_WEIGHTS
 
     def weights_status(self) -> WeightsStatus:
-        """Whether the weights are on this machine; must not import heavy modules."""
+        """Whether the weights are on this machine; must not import heavy modules.
+        (While it says no, a Keras encoder is built before the OpenVINO cache
+        is consulted, to fetch them; encoders whose default weights are not a
+        file path should override it.)"""
         if self.random_weights:
             return WeightsStatus(True, "random initialisation (tests only)")
         path = Path(self.weights).expanduser()
@@ -102,7 +105,10 @@ class Encoder:
         return WeightsStatus(False, f"weights {self.weights!r} not found")
 
     def weights_fingerprint(self) -> str:
-        """A string that changes whenever the weights do (valid after load)."""
+        """A string that changes whenever the weights do.  It must work before
+        :meth:`load` whenever :meth:`weights_status` says the weights are
+        here, and stay cheap: the OpenVINO cache is looked up by it, and a
+        cache hit must not build the model."""
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -150,8 +150,16 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
             "(dimension or preprocessing changed); rebuild it"
         )
     built_precision = recorded.get("precision", "fp32")  # indexes from before precisions were fp32
-    if runtime == "keras" and precision is None and not store.writable:
+    if runtime == "keras" and precision is None and built_precision != "fp32":
+        if store.writable:
+            raise IndexMismatchError(
+                f"index {store.directory} was built with --precision {built_precision}, which runs "
+                "only on OpenVINO; add to it without --runtime keras"
+            )
         precision = "fp32"  # the reference path; its vectors are what bf16 and int8 approximate
+    # A reader that did not ask for a precision may fall back to fp32 when
+    # the index's own cannot run here; a writer may not.
+    fp32_fallback = not store.writable and precision is None
     precision = precision or built_precision
     if precision != built_precision:
         if store.writable:
@@ -165,7 +173,7 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
                 f"comes from its images); index {store.directory} is {built_precision}"
             )
     encoder.use_runtime(RuntimeOptions(runtime, precision, calibration_id=(
-        recorded.get("calibration") if precision == "int8" else None)))
+        recorded.get("calibration") if precision == "int8" else None), fp32_fallback=fp32_fallback))
     encoder.ensure_loaded()
     if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
         raise IndexMismatchError(

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UsageError, first_line
+from .errors import ImgsearchError, UsageError, first_line
 from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ class RuntimeOptions:
     precision: str = "fp32"
     calibration: Callable[[], Sequence[np.ndarray]] | None = None
     calibration_id: str | None = None
+    # Whether fp32 may stand in when this precision cannot run here: true
+    # for reading an index (bf16 and int8 vectors approximate fp32 ones),
+    # never for adding to one, whose vectors must all be made the same way.
+    fp32_fallback: bool = False
 
     def __post_init__(self):
         check_choice(self.runtime, self.precision)
@@ -182,9 +186,9 @@ def load(encoder, options: RuntimeOptions) -> tuple[Run, str]:
                 return _OpenVINO(encoder, options).load()
             except ExportError as exc:
                 problem = str(exc)
-        if wants_openvino:
+        if wants_openvino and not (options.fp32_fallback and options.runtime == "auto"):
             raise UsageError(f"cannot run {encoder.name} with OpenVINO {options.precision}: {problem}")
-        logger.warning("running %s with Keras: %s", encoder.name, problem)
+        logger.warning("running %s with Keras in fp32: %s", encoder.name, problem)
     encoder.load()
     return encoder.embed_batch, "keras"
 
@@ -199,8 +203,10 @@ class _OpenVINO:
     def __init__(self, encoder, options: RuntimeOptions):
         self.encoder = encoder
         self.options = options
-        import openvino
-
+        try:
+            import openvino
+        except Exception as exc:  # a broken install is a reason to use Keras
+            raise ExportError(f"OpenVINO does not import ({first_line(exc)})") from None
         self.ov = openvino
         self._bf16: bool | None = None
 
@@ -233,22 +239,31 @@ class _OpenVINO:
             # Keras model downloads them, or says in one line why it cannot.
             self._keras_model = self.encoder.build_model()
         path = self._path(kind)
-        if kind == "int8" and self.options.calibration is None and not path.is_file():
-            # An int8 index used where its calibrated model was never cached
-            # (another machine, a cleared cache): int8 vectors approximate
-            # fp32 ones, so fp32 queries still find the right neighbours.
-            logger.warning("the int8 model calibrated for this index is not cached here; "
-                           "embedding in fp32 instead")
-            self.options = RuntimeOptions(self.options.runtime, "fp32")
-            precision, kind = "fp32", "fp32"
-            path = self._path(kind)
         if path.is_file():
             try:
                 return self._compile(path), f"openvino-{self._effective(precision)}"
             except Exception as exc:  # a damaged cache entry is rebuilt, never fatal
                 logger.warning("rebuilding the cached OpenVINO model %s (%s)", path.parent, first_line(exc))
                 shutil.rmtree(path.parent, ignore_errors=True)
-        self._make(kind, path)
+        if kind == "int8" and self.options.calibration is None:
+            # An int8 index used where its calibrated model is not cached
+            # (another machine, a cleared cache, another OpenVINO version).
+            if not self.options.fp32_fallback:
+                raise UsageError(
+                    "the int8 model calibrated for this index is not cached here (another machine, "
+                    "a cleared cache or another OpenVINO version); its images cannot be embedded the "
+                    "same way again, so build a new index (queries still work, in fp32)"
+                )
+            logger.warning("the int8 model calibrated for this index is not cached here; "
+                           "embedding in fp32 instead")
+            self.options = RuntimeOptions(self.options.runtime, "fp32")
+            return self.load()
+        try:
+            self._make(kind, path)
+        except (ExportError, ImgsearchError):  # one-line reasons already (weights, NNCF missing)
+            raise
+        except Exception as exc:  # whatever OpenVINO or NNCF raise: Keras can still run
+            raise ExportError(f"the export failed ({type(exc).__name__}: {first_line(exc)})") from None
         try:
             return self._compile(path), f"openvino-{self._effective(precision)}"
         except Exception as exc:

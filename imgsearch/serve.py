@@ -608,18 +608,22 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             return
 
         create_app(encoder, **limits)  # the same checks, once, before any worker starts
-        runtime = encoder.options()
-        if runtime.runtime != "keras":
-            # Export (and calibrate) once here, not in every worker at once.
-            encoder.ensure_loaded()
         # uvicorn binds for its workers itself and exits on failure; a trial
         # bind first turns "address in use" into our one-line error.
         _bind(host, port).close()
+        runtime = encoder.options()
+        runtime_name = "keras"
+        if runtime.runtime != "keras":
+            # Export (and calibrate) once here, not in every worker at once.
+            encoder.ensure_loaded()
+            runtime_name = "keras" if encoder.runtime_name in ("keras", "native") else runtime.runtime
         if stop.signalled:  # uvicorn's supervisor would not know
             return
         os.environ[_SPEC_ENV] = json.dumps({
             "encoder": encoder.name, "weights": encoder.weights,
-            "runtime": {"runtime": runtime.runtime, "precision": runtime.precision,
+            # Workers run what the export here settled on: a failed export
+            # is not retried by every worker at once.
+            "runtime": {"runtime": runtime_name, "precision": runtime.precision,
                         "calibration_id": runtime.calibration_id},
             "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
         })

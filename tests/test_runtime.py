@@ -187,7 +187,7 @@ def test_bad_runtime_choices_are_one_line_errors(index_dir, tmp_path):
 # -- precisions of an index ------------------------------------------------------
 
 
-def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path, caplog):
+def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path):
     ix = tmp_path / "ix8"
     built = run("index", LABELLED, "--index", ix, "--encoder", "lite0-any-precision", "--precision", "int8")
     assert "openvino-int8" in built.stderr
@@ -227,6 +227,39 @@ def test_int8_queries_need_an_int8_index_and_survive_a_cleared_cache(tmp_path, m
     answered = run("classify", SAMPLE_DATA / "queries" / "tench.jpg", "--index", ix8, "--format", "json")
     assert json.loads(answered.stdout)["label"] == "tench"
     assert "calibrated for this index is not cached here" in caplog.text
+    # Adding would mix fp32 vectors into an int8 index: refused, index untouched.
+    before = (ix8 / "manifest.json").read_bytes()
+    refused = run("index", SAMPLE_DATA / "queries", "--index", ix8, code=2)
+    assert "build a new index" in refused.stderr
+    assert (ix8 / "manifest.json").read_bytes() == before
+    # Asking for int8 explicitly gets no silent fp32 either.
+    run("query", SAMPLE_DATA / "queries" / "tench.jpg", "--index", ix8, "--precision", "int8", code=2)
+
+
+def test_a_prefetch_worker_error_reaches_the_consumer_in_order():
+    def work(item):
+        if item == 3:
+            raise ValueError("bad item")
+        return item
+
+    seen = []
+    with pytest.raises(ValueError, match="bad item"):
+        for result in prefetch(work, range(10), ahead=4, workers=2):
+            seen.append(result)
+    assert seen == [0, 1, 2]
+
+
+def test_int8_models_are_cached_per_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    prep = load_registry().get("efficientnet-lite0").preprocessing
+    first = Calibration.from_paths([LABELLED / "tench"], prep)
+    second = Calibration.from_paths([LABELLED / "church"], prep)
+    assert first.id != second.id
+    a = _encoder("lite0-any-precision", calibration=first)
+    b = _encoder("lite0-any-precision", calibration=second)
+    assert a.runtime_name == b.runtime_name == "openvino-int8"
+    names = sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir())
+    assert [n.split("-")[-2] for n in names].count("int8") == 2 and len(names) == 3  # + the fp32 export
 
 
 def test_query_on_a_cached_model_does_not_import_tensorflow(tmp_path):
@@ -306,10 +339,11 @@ def test_closing_prefetch_early_stops_the_work():
         made.append(item)
         return item
 
-    results = prefetch(work, range(1000), ahead=4, workers=2)
+    results = prefetch(work, range(1000), ahead=50, workers=1)
     assert next(results) == 0
     results.close()
-    assert len(made) <= 6  # what was running or queued, not the rest
+    # Closing waits for the one running item and cancels the 48 queued.
+    assert len(made) <= 3
 
 
 
