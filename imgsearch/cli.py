@@ -640,12 +640,15 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
       imgsearch serve-vectorizer --encoder efficientnet-lite0 --port 8081
     """
     from .encoders import load_registry
-    from .runtime import Calibration, RuntimeOptions
+    from .runtime import Calibration, RuntimeOptions, check_choice, check_offered
     from .serve import run
 
     if calibration_paths and precision != "int8":
         raise click.UsageError("--calibration calibrates --precision int8 only")
     model = load_registry(ctx.obj["plugins_dir"]).create(encoder, weights)
+    # Refused here, not after the service is up and answering 503.
+    check_choice(runtime, precision)
+    check_offered(model, precision or "fp32", runtime)
     if precision == "int8":
         if not calibration_paths:
             raise click.UsageError("--precision int8 needs --calibration PATH (images like those you will serve)")

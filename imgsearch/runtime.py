@@ -157,24 +157,27 @@ def exportable(encoder) -> bool:
     return type(encoder).build_model is not Encoder.build_model
 
 
+def check_offered(encoder, precision: str, runtime: str = "auto") -> None:
+    """A one-line error, before any work, when the encoder cannot run so."""
+    if not exportable(encoder) and (precision != "fp32" or runtime == "openvino"):
+        raise UsageError(f"encoder {encoder.name!r} offers no Keras model to export, so it runs "
+                         f"only on its own code in fp32 (not --runtime openvino or --precision {precision})")
+    if precision not in encoder.precisions:
+        note = encoder.precision_notes.get(precision)
+        raise UsageError(f"encoder {encoder.name!r} offers --precision {', '.join(encoder.precisions)}, "
+                         f"not {precision}" + (f": {note}" if note else ""))
+
+
 def load(encoder, options: RuntimeOptions) -> tuple[Run, str]:
     """A callable from normalised pixels to raw embeddings, and the name of
     the runtime and precision behind it (``"openvino-int8"``, ``"keras"``)."""
+    check_offered(encoder, options.precision, options.runtime)
     note = encoder.precision_notes.get(options.precision)
-    if options.precision not in encoder.precisions:
-        raise UsageError(
-            f"encoder {encoder.name!r} offers --precision {', '.join(encoder.precisions)}, "
-            f"not {options.precision}" + (f": {note}" if note else "")
-        )
     if note:
         logger.warning("%s %s: %s", encoder.name, options.precision, note)
     wants_openvino = options.runtime == "openvino" or options.precision != "fp32"
     if not exportable(encoder):
         # An encoder without a Keras model runs its own code; that is normal.
-        if wants_openvino:
-            raise UsageError(f"encoder {encoder.name!r} offers no Keras model to export, so it runs "
-                             f"only on its own code in fp32 (not --runtime openvino or --precision "
-                             f"{options.precision})")
         encoder.load()
         return encoder.embed_batch, "native"
     if options.runtime != "keras":
@@ -306,6 +309,13 @@ class _OpenVINO:
 
     # -- making ----------------------------------------------------------
     def _make(self, kind: str, path: Path) -> None:
+        # Tens of seconds with nothing to show otherwise: say what is happening.
+        if kind == "int8":
+            logger.warning("calibrating %s int8 on your images (first use of this calibration; "
+                           "cached for later runs) ...", self.encoder.name)
+        else:
+            logger.warning("exporting %s to OpenVINO (first use of these weights; cached for later "
+                           "runs) ...", self.encoder.name)
         if kind == "int8":
             fp32_path = self._path("fp32")
             if not fp32_path.is_file():

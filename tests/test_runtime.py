@@ -360,3 +360,10 @@ def test_a_precision_an_encoder_does_not_offer_is_refused_with_its_reason(tmp_pa
     assert "offers --precision fp32, not int8" in result.stderr
     assert "top-10" in result.stderr  # the measured reason
     assert not (tmp_path / "ix").exists()
+
+
+def test_serving_a_precision_the_encoder_does_not_offer_is_refused_at_start():
+    result = run("serve-vectorizer", "--encoder", "efficientnet-lite0", "--precision", "bf16", code=2)
+    assert "offers --precision fp32, not bf16" in result.stderr
+    result = run("serve-vectorizer", "--encoder", "tiny-color", "--runtime", "openvino", code=2)
+    assert "offers no Keras model" in result.stderr
