@@ -81,6 +81,10 @@ def _start(corpus, index_dir, log, delay=0.0):
         [sys.executable, "-m", "imgsearch", "index", str(corpus / "photos"), "--index", str(index_dir),
          "--encoder", "wide-test", "--commit-every", str(COMMIT_EVERY)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A test run started in the background (nohup, `cmd &` in a script)
+        # inherits an ignored SIGINT, which Python then keeps: restore the
+        # default so the child gets Ctrl-C the way a terminal user's would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
