@@ -550,6 +550,9 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
         raise click.UsageError("choose exactly one of --test, --cv K and --leave-one-out")
     if labels_csv and not test_paths:
         raise click.UsageError("--labels labels the --test images; the index has its own labels")
+    if (precision or runtime != "auto") and not test_paths:
+        raise click.UsageError("--precision and --runtime embed the --test images; --cv and "
+                               "--leave-one-out use the vectors already in the index")
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)

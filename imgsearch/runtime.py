@@ -388,6 +388,7 @@ class _OpenVINO:
         folder = path.parent
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_exports(folder.parent)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         except OSError as exc:
             raise ExportError(f"cannot write the model cache in {folder.parent} ({exc.strerror or exc})") from None
@@ -404,6 +405,19 @@ class _OpenVINO:
             raise ExportError(f"cannot write the model cache in {folder.parent} ({first_line(exc)})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_exports(folder: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove temporary folders of exports whose process was killed.  Only
+    old ones: a young one may belong to a twin process still writing."""
+    import time
+
+    for leftover in folder.glob(".*"):
+        try:
+            if leftover.is_dir() and time.time() - leftover.stat().st_mtime > older_than_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

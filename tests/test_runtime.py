@@ -139,6 +139,18 @@ def test_cache_entries_are_keyed_by_what_shapes_the_output(tmp_path, monkeypatch
     assert not [p for p in (tmp_path / "cache" / "openvino").iterdir() if p.name.startswith(".")]
 
 
+def test_leftovers_of_a_killed_export_are_removed_once_old(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "openvino"
+    old, young = root / ".resnet50-fp32-abc.old1", root / ".resnet50-fp32-abc.young1"
+    for leftover in (old, young):
+        leftover.mkdir(parents=True)
+        (leftover / "model.bin").write_bytes(b"half a model")
+    os.utime(old, (time.time() - 7 * 3600,) * 2)
+    _encoder("resnet50", weights="none")
+    assert not old.exists() and young.exists()
+
+
 def test_a_damaged_cache_entry_is_rebuilt(sample_pixels, lite_keras, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     _encoder("efficientnet-lite0")
@@ -172,6 +184,8 @@ def test_without_openvino_auto_runs_keras_and_asked_for_openvino_fails(monkeypat
 
 
 def test_bad_runtime_choices_are_one_line_errors(index_dir, tmp_path):
+    result = run("evaluate", "--index", index_dir, "--leave-one-out", "--precision", "fp32", code=2)
+    assert "use the vectors already in the index" in result.stderr
     result = run("query", SAMPLE_DATA / "queries" / "tench.jpg", "--index", index_dir,
                  "--runtime", "keras", "--precision", "bf16", code=2)
     assert "needs the OpenVINO runtime" in result.stderr
