@@ -212,9 +212,15 @@ class _OpenVINO:
             raise ExportError(f"OpenVINO does not import ({first_line(exc)})") from None
         self.ov = openvino
         self._bf16: bool | None = None
+        self._keys: dict[str, str] = {}  # the fingerprint may hash a weights file: once is enough
 
     # -- cache keys ------------------------------------------------------
     def _key(self, kind: str) -> str:
+        if kind not in self._keys:
+            self._keys[kind] = self._make_key(kind)
+        return self._keys[kind]
+
+    def _make_key(self, kind: str) -> str:
         encoder = self.encoder
         facts = {
             "export_version": EXPORT_VERSION,
@@ -313,15 +319,13 @@ class _OpenVINO:
         if kind == "int8":
             logger.warning("calibrating %s int8 on your images (first use of this calibration; "
                            "cached for later runs) ...", self.encoder.name)
-        else:
-            logger.warning("exporting %s to OpenVINO (first use of these weights; cached for later "
-                           "runs) ...", self.encoder.name)
-        if kind == "int8":
             fp32_path = self._path("fp32")
             if not fp32_path.is_file():
                 self._make("fp32", fp32_path)
             model = self._quantize(fp32_path)
         else:
+            logger.warning("exporting %s to OpenVINO (first use of these weights; cached for later "
+                           "runs) ...", self.encoder.name)
             model = self._export()
         self._save(model, path)
 
