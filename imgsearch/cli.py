@@ -190,6 +190,44 @@ images_argument = click.argument("images", nargs=-1, required=True,
                                  type=click.Path(exists=True, dir_okay=False))
 
 
+def _memory(ctx, param, value):
+    if value is None:
+        return None
+    from .store.ann import parse_memory
+
+    try:
+        return parse_memory(value)
+    except Exception as exc:  # UsageError: shown as click's own bad-parameter line
+        raise click.BadParameter(str(exc)) from None
+
+
+def index_type_options(command):
+    """--index-type, --target-recall and --max-memory, for index and optimize."""
+    for option in reversed([
+        click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivf-sq8", "ivf-pq"]),
+                     default=None, help="Approximate index for the merged part (default: the index's own; "
+                                        "auto for a new one: flat below 50,000 images, else ivf-sq8 or, "
+                                        "past the memory budget, ivf-pq)."),
+        click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Recall@10 against exact search that the search parameters are tuned to "
+                          "(default 0.95)."),
+        click.option("--max-memory", callback=_memory, default=None, metavar="SIZE",
+                     help="Memory budget of the index for auto, e.g. 2G (default: a quarter of RAM, "
+                          "at most 4G)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _size(value) -> str | None:
+    if value is None:
+        return None
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+
+
 def _open(ctx, index_dir, encoder=None, weights=None, runtime="auto", precision=None):
     from .index import Index
 
@@ -282,12 +320,15 @@ def encoders(ctx, fmt):
 @click.option("--max-megapixels", type=POSITIVE, default=100.0,
               show_default=True, help="Skip images larger than this (decompression-bomb guard).")
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
+@index_type_options
+@click.option("--no-optimize", is_flag=True,
+              help="Do not merge segments at the end even when a merge is due (run 'imgsearch optimize' later).")
 @click.option("--errors", "errors_csv", type=click.Path(dir_okay=False, writable=True),
               help="Write every skipped path and its reason to this CSV file.")
 @click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
-          max_megapixels, prune, errors_csv, strict):
+          max_megapixels, prune, index_type, target_recall, max_memory, no_optimize, errors_csv, strict):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -307,7 +348,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
     labels = read_labels_csv(labels_csv) if labels_csv else None
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER"), runtime=runtime,
-                     precision=precision, calibration=list(paths)) as idx:
+                     precision=precision, calibration=list(paths), index_type=index_type or "auto",
+                     target_recall=target_recall or 0.95, max_memory=max_memory) as idx:
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
@@ -321,6 +363,12 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         )
         if pruned is not None:
             click.echo(f"pruned {pruned.removed} images and {pruned.paths_only} duplicate paths whose files are gone")
+        reason = idx.optimize_due()
+        asked = index_type or target_recall or max_memory
+        if (reason or (asked and not idx.store.created_here)) and not no_optimize:
+            click.echo(f"optimizing: {reason or 'new search settings'}", err=True)
+            _echo_optimized(idx.optimize(index_type=index_type, target_recall=target_recall,
+                                         max_memory=max_memory, progress=_stage_bar()))
         if report.relabelled:
             click.echo(f"relabelled {report.relabelled} indexed images from {labels_csv}")
         if report.unmatched_labels:
@@ -366,6 +414,61 @@ def remove(ctx, paths, index_dir):
                    f"{index_dir} holds {idx.store.count} images")
 
 
+def _stage_bar():
+    """A progress callback for work in stages (checking, merging, building)."""
+    bars: dict[str, object] = {}
+
+    def progress(stage, done, total):
+        if stage not in bars:
+            bars[stage] = _progress_bar(stage)
+        bars[stage](done, total)
+
+    return progress
+
+
+def _echo_optimized(report) -> None:
+    if not (report.merged or report.rebuilt):
+        click.echo(f"nothing to do: {report.vectors} vectors already in one {report.index_type} index")
+        return
+    recall = "" if report.recall_at_10 is None else f", recall@10 {report.recall_at_10:.3f}"
+    params = report.params or {}
+    tuned = f" ({params['name']} {params['value']}, re-ranking {params['refine']}x)" if "name" in params else ""
+    click.echo(f"optimized: {report.vectors} vectors from {report.segments_before} segments, "
+               f"{report.tombstones_dropped} removed vectors dropped; index type {report.index_type}"
+               f"{tuned}{recall}; {report.seconds:.1f} s")
+    if report.recall_at_10 is not None and report.recall_at_10 < report.target_recall:
+        _warn(f"recall@10 {report.recall_at_10:.3f} is below the target {report.target_recall} even at the most "
+              "thorough setting; a finer index type (flat, ivf-sq8, hnsw) reaches it")
+
+
+@main.command()
+@index_option
+@index_type_options
+@click.option("--force", is_flag=True, help="Rebuild the approximate index even when nothing changed.")
+@click.pass_context
+def optimize(ctx, index_dir, index_type, target_recall, max_memory, force):
+    """Merge an index's segments into one and build its approximate index.
+
+    Each commit adds a segment that is searched exactly; this folds them
+    into one, drops removed vectors, and builds the index type asked for
+    (default: what the index records, 'auto' when new), tuned to the target
+    recall on the index's own vectors.  'imgsearch index' does this by
+    itself when a merge is due.  Interrupting it loses nothing.  It also
+    converts an index made by an older imgsearch.
+
+    \b
+    Examples:
+      imgsearch optimize --index my-index
+      imgsearch optimize --index my-index --index-type ivf-pq --target-recall 0.9
+    """
+    from .index import Index
+
+    _terminate_as_interrupt()
+    with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
+        _echo_optimized(idx.optimize(index_type=index_type, target_recall=target_recall,
+                                     max_memory=max_memory, force=force, progress=_stage_bar()))
+
+
 @main.command()
 @index_option
 @click.option("--repair", is_flag=True, help="Rewrite manifest.json from the metadata when that is all that is wrong.")
@@ -387,15 +490,15 @@ def verify(ctx, index_dir, repair):
     with store:
         if repair:
             store.repair_manifest_copy()
-        problems, notes = store.verify()
+        problems, notes = store.verify(progress=_progress_bar("verifying"))
         for note in notes:
             click.echo(f"note: {note}")
         for problem in problems:
             click.echo(f"problem: {problem}")
         if problems:
             raise _Failure(f"index {index_dir} has {len(problems)} problems", 1)
-        click.echo(f"ok: {store.count} images, {len(store.aliases())} duplicate paths, "
-                   f"dimension {store.dim}, generation {store.manifest['generation']}")
+        click.echo(f"ok: {store.count} images, {store.alias_count()} duplicate paths, "
+                   f"dimension {store.dim}, {len(store.segments)} segments")
 
 
 @main.command()
@@ -681,10 +784,13 @@ def info(ctx, index_dir, fmt):
     if fmt == "json":
         click.echo(json.dumps(facts))
         return
+    shown = dict(facts, memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
+                 search_params=", ".join(f"{k} {v}" for k, v in (facts["search_params"] or {}).items()) or None)
     for key in ("path", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
-                "calibration", "format_version", "created", "updated"):
-        if facts[key] is not None:
-            click.echo(f"{key + ':':<21}{facts[key]}")
+                "calibration", "format_version", "index_type", "search_params", "recall_at_10", "target_recall",
+                "memory_bytes", "segments", "unmerged", "tombstones", "disk_bytes", "created", "updated"):
+        if shown[key] is not None:
+            click.echo(f"{key.removesuffix('_bytes') + ':':<21}{shown[key]}")
     labels = facts["labels"]
     click.echo(f"{'labels:':<21}{len(labels)}")
     for label, count in labels.items():

@@ -217,7 +217,8 @@ class Index:
     def build(cls, directory, *, encoder: str | None = None, weights: str | None = None,
               default_encoder: str | None = None, registry: Registry | None = None,
               plugins_dir=None, runtime: str = "auto", precision: str | None = None,
-              calibration=None) -> "Index":
+              calibration=None, index_type: str = "auto", target_recall: float = 0.95,
+              max_memory: int | None = None) -> "Index":
         """An index to add to: the existing one at ``directory`` (which must
         match ``encoder``, ``weights`` and ``precision`` if given) or a new
         one, made with ``encoder``, else ``default_encoder``, else resnet50,
@@ -226,6 +227,9 @@ class Index:
         added)."""
         registry = registry or load_registry(plugins_dir)
         check_choice(runtime, precision)
+        from .store import ann
+
+        ann.check_settings(index_type, target_recall, max_memory)
         if Store.exists(directory):
             store = Store.open(directory, writable=True)
             try:
@@ -245,7 +249,8 @@ class Index:
         # Load before creating anything on disk: a missing download must not
         # leave an empty index behind.
         model.ensure_loaded()
-        store = Store.create(directory, encoder=model.describe(), dim=model.dim)
+        store = Store.create(directory, encoder=model.describe(), dim=model.dim, index_type=index_type,
+                             target_recall=target_recall, max_memory=max_memory)
         return cls(store, registry, model)
 
     def close(self) -> None:
@@ -269,7 +274,11 @@ class Index:
         return bool(self.store.manifest["encoder"].get("random_weights"))
 
     def info(self) -> dict:
+        from .store import merge as merging
+
         manifest = self.store.manifest
+        built = manifest.get("ann") or {}
+        search = manifest.get("search") or {}
         return {
             "path": str(self.store.directory),
             "count": self.store.count,
@@ -282,6 +291,16 @@ class Index:
             "precision": manifest["encoder"].get("precision", "fp32"),
             "calibration": manifest["encoder"].get("calibration"),
             "format_version": manifest["format_version"],
+            "index_type": built.get("type") or f"none yet (exact search; {search.get('type', 'auto')} "
+                                                "when optimized)",
+            "segments": len(self.store.segments),
+            "unmerged": merging.unmerged(self.store),
+            "tombstones": self.store.tombstones,
+            "memory_bytes": built.get("memory"),
+            "recall_at_10": built.get("recall_at_10"),
+            "search_params": built.get("params"),
+            "target_recall": search.get("target_recall"),
+            "disk_bytes": sum(p.stat().st_size for p in self.store.directory.iterdir() if p.is_file()),
             "created": manifest["created"],
             "updated": manifest["updated"],
             "labels": self.store.labels(),
@@ -552,11 +571,28 @@ class Index:
         return matrix, kept, skipped
 
     def labelled_vectors(self) -> tuple[list[Entry], np.ndarray]:
-        """The labelled entries and their stored vectors, in id order."""
-        ids, matrix = self.store.all_vectors()
-        row_of = {int(i): row for row, i in enumerate(ids)}
+        """The labelled entries and their stored vectors, in id order (the
+        unlabelled ones are never read)."""
         entries = [e for e in self.store.entries() if e.label is not None]
-        return entries, matrix[[row_of[e.id] for e in entries]] if entries else matrix[:0]
+        return entries, self.store.vectors([e.id for e in entries])
+
+    def optimize(self, *, index_type: str | None = None, target_recall: float | None = None,
+                 max_memory: int | None = None, force: bool = False, progress=None):
+        """Merge the index's segments and build its approximate index (see
+        :func:`imgsearch.store.optimize`); ``progress(stage, done, total)``."""
+        from .store import optimize
+
+        if not self.store.writable:
+            raise UsageError("index opened for reading; open it writable to optimize it")
+        return optimize(self.store, index_type=index_type, target_recall=target_recall,
+                        max_memory=max_memory, force=force, progress=progress)
+
+    def optimize_due(self) -> str | None:
+        """Why the index should be merged now (many segments, many vectors
+        not merged, many removed), or None."""
+        from .store import due
+
+        return due(self.store)
 
     def state_fingerprint(self) -> str:
         """Names this exact index state: what a trained classifier was fit on."""

@@ -81,3 +81,20 @@ def run_process(*args, timeout=120):
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"imgsearch {args[0]} did not finish within {exc.timeout} s")
+
+
+def kill_when(process, condition, deadline=120.0):
+    """SIGKILL the process as soon as condition() holds; False if it ended first.
+    Polls without sleeping: some moments (a commit's temporary file) last
+    only milliseconds."""
+    import signal
+    import time
+
+    end = time.monotonic() + deadline
+    while process.poll() is None and time.monotonic() < end:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+    process.wait()
+    return False

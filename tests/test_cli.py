@@ -327,7 +327,7 @@ def test_verify_reports_damage_and_repairs_the_manifest_copy(index_dir):
     assert run("verify", "--index", index_dir, "--repair").stdout.startswith("ok: 50 images")
     assert json.loads(run("info", "--index", index_dir, "--format", "json").stdout)["count"] == 50
 
-    vectors = next(index_dir.glob("vectors-*.faiss"))
+    vectors = next(index_dir.glob("seg-*.vec"))
     data = bytearray(vectors.read_bytes())
     data[-5] ^= 0xFF  # still a readable FAISS file, with one vector changed
     vectors.write_bytes(bytes(data))

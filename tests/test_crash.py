@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import kill_when
 from imgsearch.store import Store
 
 pytestmark = pytest.mark.slow
@@ -88,18 +89,6 @@ def _start(corpus, index_dir, log, delay=0.0):
     )
 
 
-def _kill_when(process, condition, deadline=60.0):
-    """SIGKILL the process as soon as condition() holds; False if it ended first."""
-    end = time.monotonic() + deadline
-    while process.poll() is None and time.monotonic() < end:
-        if condition():
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
-    process.wait()
-    return False
-
-
 def _check_consistent(index_dir):
     if not (index_dir / "metadata.sqlite").exists():
         return 0  # killed before the index existed: nothing to check
@@ -137,7 +126,7 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
              journal_exists, tmp_file_exists, generation_at_least(10), tmp_file_exists]
     for plan in plans:
         process = _start(corpus, index_dir, log)
-        if _kill_when(process, plan):
+        if kill_when(process, plan):
             kills += 1
         counts.append(_check_consistent(index_dir))
     assert counts == sorted(counts), "a kill lost committed work"

@@ -53,7 +53,8 @@ def test_every_option_in_the_synopsis_exists():
         for option in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line):
             if option not in ("--version",):
                 assert option in known, f"README mentions {option} for '{current.name}'"
-    assert set(commands) == {"index", "remove", "verify", "query", "classify", "evaluate", "train-classifier",
+    assert set(commands) == {"index", "optimize", "remove", "verify", "query", "classify", "evaluate",
+                             "train-classifier",
                              "serve-vectorizer",
                              "info", "encoders"}
     for name, command in commands.items():

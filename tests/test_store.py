@@ -69,7 +69,9 @@ def test_commit_persists_ids_metadata_and_manifest(tmp_path):
     np.testing.assert_allclose(reopened.vectors([3]), vectors[2:3], rtol=1e-6)
     manifest = json.loads((tmp_path / "ix" / MANIFEST_FILE).read_text())
     assert manifest["count"] == 6 and manifest["dim"] == DIM and manifest["metric"] == "inner_product"
-    assert sorted(p.name for p in (tmp_path / "ix").glob("vectors-*")) == [manifest["vectors_file"]]
+    # One commit, one segment file, recorded with its checksum.
+    assert sorted(p.name for p in (tmp_path / "ix").glob("seg-*")) == ["seg-000001.vec"]
+    assert manifest["segments"] == 1 and manifest["format_version"] == 2
 
 
 def test_replacing_an_entry_keeps_its_id_and_never_renumbers(tmp_path):
@@ -124,12 +126,17 @@ def test_not_an_index(tmp_path):
 def test_damaged_vectors_file_is_reported(tmp_path):
     rng = np.random.default_rng(5)
     store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
-    vectors_file = tmp_path / "ix" / store.manifest["vectors_file"]
+    segment = store.segments[0].path
     store.close()
-    vectors_file.write_bytes(b"garbage")
+    data = bytearray(segment.read_bytes())
+    data[-5] ^= 0xFF  # same size, one vector changed: a small index checks checksums on open
+    segment.write_bytes(bytes(data))
     with pytest.raises(BadIndexError, match="does not match the checksum"):
         Store.open(tmp_path / "ix")
-    vectors_file.unlink()
+    segment.write_bytes(b"garbage")
+    with pytest.raises(BadIndexError, match="seg-000001.vec has 7 bytes"):
+        Store.open(tmp_path / "ix")
+    segment.unlink()
     with pytest.raises(BadIndexError, match="missing"):
         Store.open(tmp_path / "ix")
 
@@ -149,18 +156,17 @@ def test_l2_normalize_guards_zero_vectors():
 
 
 def test_a_failed_vectors_write_leaves_the_index_as_it_was(tmp_path, monkeypatch):
-    import faiss
+    from imgsearch.store import segments
 
     rng = np.random.default_rng(6)
     store = _store(tmp_path, l2_normalize(rng.standard_normal((3, DIM))))
     before = sorted(p.name for p in (tmp_path / "ix").iterdir())
 
-    def full_disk(index, path):
-        with open(path, "wb") as handle:
-            handle.write(b"partial")
-        raise RuntimeError("Error: 'ret == (size_t)(n)' failed: write error, No space left on device")
+    def full_disk(self, vectors):
+        self._out.write(b"partial")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(faiss, "write_index", full_disk)
+    monkeypatch.setattr(segments.SegmentWriter, "add", full_disk)
     with pytest.raises(BadIndexError, match="No space left on device.*the index is unchanged"):
         _add(store, l2_normalize(rng.standard_normal((2, DIM))), start=50)
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
@@ -171,32 +177,33 @@ def test_a_failed_vectors_write_leaves_the_index_as_it_was(tmp_path, monkeypatch
 
 def test_a_writer_removes_what_unfinished_commits_left(tmp_path):
     store = _store(tmp_path, l2_normalize(np.random.default_rng(8).standard_normal((2, DIM))))
-    current = store.manifest["vectors_file"]
     store.close()
-    for name in ("vectors-000099.faiss", "vectors-000100.faiss.tmp", "manifest.json.tmp"):
+    strays = ("seg-000099.vec", "seg-000100.vec.tmp", "ann-000099.faiss", "manifest.json.tmp")
+    for name in strays:
         (tmp_path / "ix" / name).write_bytes(b"left by a crash")
-    Store.open(tmp_path / "ix").close()  # readers never delete
-    assert (tmp_path / "ix" / "vectors-000099.faiss").exists()
+    with Store.open(tmp_path / "ix") as reader:  # readers never delete, verify names them
+        assert "seg-000099.vec" in reader.verify(check_files=False)[1][0]
+    assert all((tmp_path / "ix" / name).exists() for name in strays)
     Store.open(tmp_path / "ix", writable=True).close()
-    assert sorted(p.name for p in (tmp_path / "ix").glob("*.faiss*")) == [current]
+    assert sorted(p.name for p in (tmp_path / "ix").glob("*-0*")) == ["seg-000001.vec"]
     assert not list((tmp_path / "ix").glob("*.tmp"))
 
 
-def test_a_reader_retries_when_a_commit_replaced_its_generation(tmp_path, monkeypatch):
+def test_a_reader_retries_when_a_commit_replaced_its_files(tmp_path, monkeypatch):
     store = _store(tmp_path, l2_normalize(np.random.default_rng(9).standard_normal((2, DIM))))
     store.close()
     calls = []
-    real = Store._read_vectors
+    real = Store._open_view
 
-    def vanished_once(self, count):
-        calls.append(count)
+    def vanished_once(self, infos, tombstones):
+        calls.append(len(infos))
         if len(calls) == 1:
-            raise FileNotFoundError("vectors-000001.faiss")
-        return real(self, count)
+            raise FileNotFoundError(2, "gone", str(tmp_path / "ix" / "seg-000001.vec"))
+        return real(self, infos, tombstones)
 
-    monkeypatch.setattr(Store, "_read_vectors", vanished_once)
+    monkeypatch.setattr(Store, "_open_view", vanished_once)
     assert Store.open(tmp_path / "ix").count == 2
-    assert calls == [2, 2]
+    assert calls == [1, 1]
 
 
 def test_removing_entries(tmp_path):
@@ -229,10 +236,12 @@ def test_aliases_follow_their_image_and_are_returned_with_it(tmp_path):
 
 def test_metadata_only_changes_write_no_new_vectors_file(tmp_path):
     store = _store(tmp_path, l2_normalize(np.random.default_rng(12).standard_normal((2, DIM))))
-    before = store.manifest["vectors_file"]
+    before = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    generation = store.manifest["generation"]
     moved = Entry(**{**store.entries()[0].__dict__, "path": "/elsewhere/0.jpg", "label": "new"})
     store.commit(Changes(updated=[moved]))
-    assert store.manifest["vectors_file"] == before
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
+    assert store.manifest["generation"] == generation
     store.close()
     reopened = Store.open(tmp_path / "ix")
     assert reopened.by_path()["/elsewhere/0.jpg"].label == "new"

@@ -1,0 +1,187 @@
+"""Merging segments and building the approximate index: ``optimize``.
+
+A merge reads every segment (checking each against its checksum first, so
+damage is never copied into a file with a fresh checksum), writes the live
+vectors into one new segment, builds the chosen approximate index over it,
+and swaps both in with one SQLite transaction.  Until that transaction the
+old state is untouched: Ctrl-C or a kill at any moment loses nothing, and
+the next writer removes the half-made files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BadIndexError, Interrupted, UsageError
+from . import ann
+from .files import write_error
+from .segments import Segment, SegmentWriter, segment_name
+
+# An automatic merge is due past any of these.
+MAX_SEGMENTS = 32
+MERGE_MIN_VECTORS = 20_000
+MERGE_FRACTION = 0.25
+
+Stage = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class OptimizeReport:
+    index_type: str
+    vectors: int
+    segments_before: int
+    tombstones_dropped: int
+    recall_at_10: float | None = None
+    target_recall: float | None = None
+    params: dict = field(default_factory=dict)
+    merged: bool = True
+    rebuilt: bool = True
+    seconds: float = 0.0
+
+
+def settings(store, index_type=None, target_recall=None, max_memory=None) -> dict:
+    """The search settings asked for, over those the index records."""
+    recorded = store.manifest.get("search") or {}
+    chosen = {
+        "type": index_type or recorded.get("type", "auto"),
+        "target_recall": float(target_recall if target_recall is not None
+                               else recorded.get("target_recall", ann.DEFAULT_TARGET_RECALL)),
+        "max_memory": max_memory if max_memory is not None else recorded.get("max_memory"),
+    }
+    ann.check_settings(chosen["type"], chosen["target_recall"], chosen["max_memory"])
+    return chosen
+
+
+def resolved_type(store, chosen: dict) -> str:
+    if chosen["type"] != "auto":
+        return chosen["type"]
+    return ann.choose(store.count, store.dim, chosen["max_memory"] or ann.default_max_memory())
+
+
+def unmerged(store) -> int:
+    """Live vectors outside the merged segment (searched exactly)."""
+    segments = store.segments
+    settled = segments[:1] if store.manifest.get("ann") else []
+    return sum(s.live for s in segments[len(settled):])
+
+
+def due(store) -> str | None:
+    """Why an automatic merge is due now, or None."""
+    segments = store.segments
+    if not segments:
+        return None
+    settled = segments[0].live if store.manifest.get("ann") else 0
+    pending = unmerged(store)
+    if len(segments) > MAX_SEGMENTS:
+        return f"{len(segments)} segments"
+    if pending > max(MERGE_MIN_VECTORS, MERGE_FRACTION * settled):
+        return f"{pending} vectors not merged"
+    stored = sum(s.count for s in segments)
+    if store.tombstones > MERGE_FRACTION * stored and store.tombstones >= 1000:
+        return f"{store.tombstones} removed or replaced vectors still stored"
+    return None
+
+
+def optimize(store, *, index_type: str | None = None, target_recall: float | None = None,
+             max_memory: int | None = None, force: bool = False, seed: int = 0,
+             progress: Stage | None = None) -> OptimizeReport:
+    """Merge every segment into one, drop tombstones, and build (or rebuild)
+    the approximate index; does nothing when that is done already, unless
+    ``force``."""
+    if not store.writable:
+        raise UsageError("index opened for reading; open it writable to optimize it")
+    started = time.perf_counter()
+    chosen = settings(store, index_type, target_recall, max_memory)
+    kind = resolved_type(store, chosen)
+    segments = store.segments
+    built = store.manifest.get("ann") or {}
+    report = OptimizeReport(kind, store.count, len(segments), store.tombstones)
+    merge = len(segments) > 1 or store.tombstones > 0
+    rebuild = (merge or force or built.get("type") != kind
+               or float(built.get("target_recall", -1)) != chosen["target_recall"]
+               or (store.count > 0 and not built))
+    if not (merge or rebuild) or store.count == 0 and not segments:
+        report.merged = report.rebuilt = False
+        report.recall_at_10, report.params = built.get("recall_at_10"), dict(built.get("params", {}))
+        report.target_recall = chosen["target_recall"]
+        if chosen != store.manifest.get("search"):
+            store._replace_all_segments(segments[0].info if segments else None, built or None, chosen)
+        report.seconds = time.perf_counter() - started
+        return report
+    directory = store.directory
+    made: list = []
+    try:
+        if merge:
+            for number, segment in enumerate(segments, start=1):
+                if progress:
+                    progress("checking", number - 1, len(segments))
+                if not segment.checksum_ok():
+                    raise BadIndexError(
+                        f"index {directory} is damaged: {segment.info.file} does not match the checksum "
+                        "recorded when it was written; nothing was merged ('imgsearch verify' shows more)")
+            info = _merge(store, segments, made, progress) if store.count else None
+        else:
+            info = segments[0].info
+        if info is None:
+            manifest_ann = None
+        else:
+            target = Segment(directory, info, store.dim)
+            name = f"ann-{info.number:06d}.faiss"
+            if kind != "flat":
+                made.append(directory / name)
+            manifest_ann, _ = ann.build(
+                directory, name, kind, target, target_recall=chosen["target_recall"], seed=seed,
+                progress=(lambda done, total: progress("building", done, total)) if progress else None)
+            manifest_ann["segment"] = info.number
+        store._replace_all_segments(info, manifest_ann, chosen)
+    except KeyboardInterrupt:
+        _remove(made)
+        raise Interrupted(f"interrupted: index {directory} is unchanged; run the same command again") from None
+    except BaseException:
+        _remove(made)
+        raise
+    report.recall_at_10 = (manifest_ann or {}).get("recall_at_10")
+    report.target_recall = chosen["target_recall"]
+    report.params = dict((manifest_ann or {}).get("params", {}))
+    report.merged, report.rebuilt = merge, True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+
+
+def _merge(store, segments, made: list, progress):
+    """Write every live vector into one new segment; returns its info."""
+    directory = store.directory
+    ids = np.concatenate([np.asarray(s.ids)[~s.dead] for s in segments])
+    number = store._next_segment
+    name = segment_name(number)
+    made += [directory / (name + ".tmp"), directory / name]  # before a Ctrl-C can land in between
+    try:
+        writer = SegmentWriter(directory, number, store.dim, ids)
+    except OSError as exc:
+        raise write_error(directory, name + ".tmp", exc) from None
+    done = 0
+    try:
+        for segment in segments:
+            for start, _, vectors in segment.chunks():
+                alive = ~segment.dead[start:start + len(vectors)]
+                writer.add(vectors[alive])
+                done += int(alive.sum())
+                if progress:
+                    progress("merging", done, len(ids))
+        return writer.finish()
+    except OSError as exc:
+        writer.abandon()
+        raise write_error(directory, writer.tmp.name, exc) from None
+    except BaseException:
+        writer.abandon()
+        raise

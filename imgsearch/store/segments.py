@@ -1,0 +1,202 @@
+"""Segments: immutable files of vectors, each written once by one commit.
+
+A segment file holds a 64-byte header, the 64-bit ids of its vectors, then
+the float32 vectors themselves, so both can be memory-mapped and nothing is
+read before it is needed::
+
+    b"IMGSVEC1" | dim (uint32) | 0 (uint32) | count (uint64) | zeros to 64 bytes
+    ids     int64[count]
+    vectors float32[count, dim]
+
+A segment's SHA-256 is computed once, while it is written, and recorded in
+the metadata beside its size; opening checks the size and header (cheap),
+``verify`` and every merge check the checksum (a full read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadIndexError
+from .files import publish, write_error
+
+MAGIC = b"IMGSVEC1"
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQ")
+_CHUNK_ROWS = 16384  # rows per step of an exact search or a full read
+
+
+def segment_name(number: int) -> str:
+    return f"seg-{number:06d}.vec"
+
+
+def file_bytes(count: int, dim: int) -> int:
+    return HEADER_BYTES + count * 8 + count * dim * 4
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """A segment as the metadata records it."""
+
+    number: int
+    file: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+class SegmentWriter:
+    """Streams a new segment file (temporary name until :meth:`finish`),
+    hashing what it writes.  The ids come first, so they are given up front;
+    the vectors may follow in pieces (a merge reads them a chunk at a time)."""
+
+    def __init__(self, directory: Path, number: int, dim: int, ids: np.ndarray):
+        self.directory, self.number, self.dim = directory, number, dim
+        self.count = len(ids)
+        self.name = segment_name(number)
+        self.tmp = directory / (self.name + ".tmp")
+        self._digest = hashlib.sha256()
+        self._written = 0
+        self._out = open(self.tmp, "wb")
+        try:
+            self._write(_HEADER.pack(MAGIC, dim, 0, self.count).ljust(HEADER_BYTES, b"\0"))
+            self._write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._digest.update(data)
+
+    def add(self, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or self._written + len(vectors) > self.count:
+            raise ValueError(f"segment {self.name}: vectors of shape {vectors.shape} do not fit")
+        self._write(vectors.tobytes())
+        self._written += len(vectors)
+
+    def finish(self) -> SegmentInfo:
+        if self._written != self.count:
+            raise ValueError(f"segment {self.name}: {self._written} vectors written, {self.count} announced")
+        self._out.close()
+        publish(self.tmp, self.directory / self.name)
+        return SegmentInfo(self.number, self.name, self.count, file_bytes(self.count, self.dim),
+                           self._digest.hexdigest())
+
+    def abandon(self) -> None:
+        self._out.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_segment(directory: Path, number: int, ids: np.ndarray, vectors: np.ndarray) -> SegmentInfo:
+    """Write one segment whole or not at all; a failure is a one-line error."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    try:
+        writer = SegmentWriter(directory, number, vectors.shape[1], ids)
+    except OSError as exc:
+        (directory / (segment_name(number) + ".tmp")).unlink(missing_ok=True)
+        raise write_error(directory, segment_name(number) + ".tmp", exc) from None
+    try:
+        writer.add(vectors)
+        return writer.finish()
+    except OSError as exc:
+        writer.abandon()
+        raise write_error(directory, writer.tmp.name, exc) from None
+
+
+class Segment:
+    """An open segment: its ids and vectors memory-mapped, read on demand."""
+
+    def __init__(self, directory: Path, info: SegmentInfo, dim: int):
+        self.info, self.dim = info, dim
+        self.path = directory / info.file
+        size = os.stat(self.path).st_size  # FileNotFoundError: the caller may retry
+        expected = file_bytes(info.count, dim)
+        if size != expected or info.bytes != expected:
+            raise BadIndexError(
+                f"index {directory} is damaged: {info.file} has {size} bytes, "
+                f"{expected} expected for {info.count} vectors of dimension {dim}"
+            )
+        with open(self.path, "rb") as handle:
+            magic, file_dim, _, count = _HEADER.unpack(handle.read(_HEADER.size))
+        if magic != MAGIC or file_dim != dim or count != info.count:
+            raise BadIndexError(f"index {directory} is damaged: {info.file} has a wrong header")
+        self.ids = np.memmap(self.path, dtype="<i8", mode="r", offset=HEADER_BYTES, shape=(count,))
+        self.vectors = np.memmap(self.path, dtype="<f4", mode="r", offset=HEADER_BYTES + 8 * count,
+                                 shape=(count, dim))
+        self.dead = np.zeros(count, dtype=bool)  # tombstoned rows, set by the store
+        self._order: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        return self.info.count
+
+    @property
+    def live(self) -> int:
+        return self.info.count - int(self.dead.sum())
+
+    def checksum_ok(self) -> bool:
+        from ..hashing import sha256_file
+
+        return sha256_file(self.path) == self.info.sha256
+
+    def positions(self, ids) -> np.ndarray:
+        """Row of each id in this segment (-1 where absent), live rows only."""
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        ids = np.asarray(ids, dtype=np.int64)
+        sorted_ids = self.ids[self._order]
+        at = np.clip(np.searchsorted(sorted_ids, ids), 0, max(self.count - 1, 0))
+        rows = self._order[at] if self.count else np.full(len(ids), -1)
+        found = (sorted_ids[at] == ids) if self.count else np.zeros(len(ids), bool)
+        rows = np.where(found, rows, -1)
+        rows[rows >= 0] = np.where(self.dead[rows[rows >= 0]], -1, rows[rows >= 0])
+        return rows
+
+    def chunks(self, rows: int = _CHUNK_ROWS):
+        """(start, ids, vectors) pieces in file order, for reading it all."""
+        for start in range(0, self.count, rows):
+            yield start, np.asarray(self.ids[start:start + rows]), np.asarray(self.vectors[start:start + rows])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner product over the live rows: scores and rows
+        ``(n, k)``, best first, padded with -inf and -1."""
+        n = len(queries)
+        best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
+        best_rows = np.full((n, 0), -1, dtype=np.int64)
+        for start in range(0, self.count, _CHUNK_ROWS):
+            block = np.asarray(self.vectors[start:start + _CHUNK_ROWS])
+            scores = queries @ block.T
+            dead = self.dead[start:start + len(block)]
+            if dead.any():
+                scores[:, dead] = -np.inf
+            rows = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
+            best_scores, best_rows = top_k(np.hstack([best_scores, scores]),
+                                           np.hstack([best_rows, rows]), k)
+        return pad(best_scores, best_rows, k)
+
+
+def top_k(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row, best first (ties: smaller key)."""
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores = np.take_along_axis(scores, part, axis=1)
+        keys = np.take_along_axis(keys, part, axis=1)
+    order = np.lexsort((keys, -scores), axis=1) if scores.size else np.empty(scores.shape, np.int64)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(keys, order, axis=1)
+
+
+def pad(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.where(np.isfinite(scores), keys, -1)
+    missing = k - scores.shape[1]
+    if missing > 0:
+        scores = np.hstack([scores, np.full((len(scores), missing), -np.inf, np.float32)])
+        keys = np.hstack([keys, np.full((len(keys), missing), -1, np.int64)])
+    return scores, keys

@@ -1,0 +1,947 @@
+"""The store: SQLite metadata, immutable vector segments, and the
+approximate index over the settled part of an index.
+
+An index is a directory::
+
+    metadata.sqlite    rows of images, other paths of the same content
+                       (aliases), the segments and their checksums,
+                       tombstones, and the state (manifest, next id)
+    seg-000007.vec     the vectors one commit added (see segments.py)
+    ann-000012.faiss   the approximate index over one merged segment,
+                       made by ``optimize`` (see ann.py)
+    manifest.json      a readable copy of the manifest
+    write.lock         held by the one process that writes
+
+The SQLite transaction is the single commit point.  A commit writes only
+its own new vectors, as one new segment file (temporary name, fsync,
+rename), then records the rows, the segment with its checksum, and a
+tombstone for every vector it removes or replaces, in one transaction.  Its
+cost is that of what it changes, however large the index.  A crash at any
+moment leaves the old or the new state; files of a commit that never
+finished are removed by the next writer.
+
+An image's live vector is in the segment its row names; every other vector
+with its id is tombstoned.  Searches look at the approximate index (when
+there is one) and at the newer segments exactly, drop tombstoned rows, and
+merge the two rankings; ``optimize`` folds everything into one segment again.
+
+This module is the one place that turns vector positions into stable ids
+and metadata rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadIndexError, IndexLockedError, first_line
+from . import ann
+from .files import LOCK_FILE, deferred_signals, fsync_dir, lock as _lock, write_atomic
+from .segments import Segment, SegmentInfo, pad, top_k, write_segment
+
+FORMAT_VERSION = 2
+METADATA_FILE = "metadata.sqlite"
+MANIFEST_FILE = "manifest.json"
+METRIC = "inner_product"
+# Below this many bytes of vectors, opening an index checks every segment's
+# checksum too (a fraction of a second); above it, sizes and headers only,
+# and `verify` reads everything.
+FULL_CHECK_ON_OPEN_BYTES = 64 << 20
+
+# One row per distinct content (one vector each); further paths holding the
+# same bytes are aliases of that row, so a picture is never found twice.
+_SCHEMA = """
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    label TEXT,
+    width INTEGER,
+    height INTEGER,
+    segment INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE aliases (
+    path TEXT PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images (id),
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    label TEXT
+);
+CREATE INDEX aliases_image ON aliases (image_id);
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# Added by format 2 (and by the conversion of a format 1 index).
+_SEGMENT_SCHEMA = """
+CREATE TABLE segments (
+    number INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE tombstones (
+    segment INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (segment, id)
+) WITHOUT ROWID;
+"""
+_COLUMNS = "id, path, sha256, size, mtime, label, width, height"
+# What a creation killed before its metadata file appeared can leave behind.
+_CREATION_LEFTOVERS = frozenset({
+    MANIFEST_FILE, MANIFEST_FILE + ".tmp", METADATA_FILE + ".new", METADATA_FILE + ".new-journal", LOCK_FILE,
+})
+_BATCH = 500  # SQLite caps bound parameters
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One indexed image."""
+
+    id: int | None
+    path: str
+    sha256: str
+    size: int
+    mtime: float
+    label: str | None
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another path whose file has the same content as image ``image_id``."""
+
+    path: str
+    image_id: int
+    size: int
+    mtime: float
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    score: float
+    also_at: tuple[str, ...] = ()
+
+
+@dataclass
+class Changes:
+    """The work of one commit.
+
+    ``added`` are new images, with ids the caller took from
+    :attr:`Store.next_id` upwards; ``replaced`` are existing ids with new
+    content.  Both come with one vector each, in that order, in ``vectors``.
+    ``updated`` entries change metadata only (a moved file, a label, a
+    refreshed mtime).  ``removed`` ids lose their vector, row and aliases.
+    """
+
+    added: list[Entry] = field(default_factory=list)
+    replaced: list[Entry] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    updated: list[Entry] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    aliases: list[Alias] = field(default_factory=list)
+    unaliased: list[str] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> list[Entry]:
+        return self.added + self.replaced
+
+    def __len__(self) -> int:
+        return (len(self.added) + len(self.replaced) + len(self.updated) + len(self.removed)
+                + len(self.aliases) + len(self.unaliased))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _is_leftover(path: Path) -> bool:
+    """A file an unfinished creation of ours may leave (or our lock file)."""
+    if path.name not in _CREATION_LEFTOVERS:
+        return False
+    if path.name.startswith(MANIFEST_FILE):  # ours only if it reads as our manifest
+        try:
+            return "format_version" in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    return True
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _chunks(items, size: int = _BATCH):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class _View:
+    """The vectors of one committed state: its segments, oldest first, and
+    the approximate index over the first of them, if any."""
+
+    generation: int
+    segments: list[Segment]
+    ann: "ann.AnnIndex | None" = None
+
+    @property
+    def live(self) -> int:
+        return sum(s.live for s in self.segments)
+
+
+class Store:
+    """An open index directory.  Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, directory: Path, connection: sqlite3.Connection, writable: bool,
+                 check_manifest: bool = True, lock_held: bool = False):
+        self.directory = directory
+        self._db = connection
+        self.writable = writable
+        self._lock_handle = None
+        self.created_here = False
+        self._made_folder = False
+        self._checked: set[tuple[str, str]] = set()  # (file, sha256) whose checksum held
+        if writable and not lock_held:
+            # The state must be read under the lock, or a writer could start
+            # from a state another writer is about to replace.
+            self._acquire_lock()
+        try:
+            self._load_state()
+            if check_manifest:
+                self._check_manifest_copy()
+            if writable:
+                self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------
+    @staticmethod
+    def exists(directory) -> bool:
+        return (Path(directory) / METADATA_FILE).is_file()
+
+    @staticmethod
+    def check_creatable(directory) -> None:
+        """Raise unless a new index may be made at ``directory`` (it does not
+        exist, or is an empty folder)."""
+        directory = Path(directory)
+        if directory.exists():
+            if not directory.is_dir():
+                raise BadIndexError(f"{directory} exists and is not a folder")
+            if not all(_is_leftover(p) for p in directory.iterdir()):
+                if (directory / LOCK_FILE).exists():
+                    handle = _lock(directory)  # raises while another process creates it
+                    if handle is not None:
+                        handle.close()
+                raise BadIndexError(
+                    f"{directory} is not an imgsearch index and not empty; refusing to write there"
+                )
+
+    @classmethod
+    def create(cls, directory, *, encoder: dict, dim: int, index_type: str = "auto",
+               target_recall: float = ann.DEFAULT_TARGET_RECALL, max_memory: int | None = None) -> "Store":
+        """A new, empty index.  The folder must not exist or be empty.
+        ``index_type``, ``target_recall`` and ``max_memory`` say what kind of
+        approximate index ``optimize`` builds (see :mod:`.ann`)."""
+        ann.check_settings(index_type, target_recall, max_memory)
+        directory = Path(directory)
+        cls.check_creatable(directory)
+        made_folder = not directory.exists()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadIndexError(f"cannot create index folder {directory}: {exc.strerror or exc}") from None
+        # Created under the lock, so two processes creating one index cannot
+        # interleave; the second then finds a complete index, or waits its turn.
+        lock = _lock(directory)
+        try:
+            if (directory / METADATA_FILE).exists():
+                raise IndexLockedError(f"index {directory} was just created by another process; run again")
+            cls.check_creatable(directory)
+            store = cls._create_locked(directory, encoder, dim, {
+                "type": index_type, "target_recall": float(target_recall), "max_memory": max_memory})
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        store._lock_handle = lock
+        store.created_here, store._made_folder = True, made_folder
+        return store
+
+    @classmethod
+    def _create_locked(cls, directory: Path, encoder: dict, dim: int, search: dict) -> "Store":
+        for leftover in _CREATION_LEFTOVERS - {LOCK_FILE}:  # of an earlier creation that was killed
+            (directory / leftover).unlink(missing_ok=True)
+        tmp = directory / (METADATA_FILE + ".new")
+        db = sqlite3.connect(tmp)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "encoder": encoder,
+            "dim": int(dim),
+            "metric": METRIC,
+            "normalized": True,
+            "count": 0,
+            "generation": 0,
+            "revision": 0,
+            "segments": 0,
+            "search": search,
+            "ann": None,
+            "created": now(),
+            "updated": now(),
+        }
+        with db:
+            db.executescript(_SCHEMA + _SEGMENT_SCHEMA)
+            db.executemany(
+                "INSERT INTO state (key, value) VALUES (?, ?)",
+                [("manifest", json.dumps(manifest)), ("next_id", "1"), ("next_segment", "1")],
+            )
+        db.close()
+        write_atomic(directory / MANIFEST_FILE, _manifest_bytes(manifest))
+        # The metadata file appears whole or not at all, so a crash here never
+        # leaves a folder that looks like an index but is not one.
+        os.replace(tmp, directory / METADATA_FILE)
+        fsync_dir(directory)
+        db = sqlite3.connect(directory / METADATA_FILE, timeout=30)
+        return cls(directory, db, writable=True, lock_held=True)
+
+    @classmethod
+    def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
+        """An existing index.  A writer converts an index of format 1 (one
+        FAISS file rewritten by every commit) in place; a reader asks for that."""
+        directory = Path(directory)
+        if not directory.exists():
+            raise BadIndexError(f"no index at {directory} (create one with 'imgsearch index')")
+        if not directory.is_dir():
+            raise BadIndexError(f"{directory} is not a folder, so not an index")
+        path = directory / METADATA_FILE
+        if not path.is_file():
+            raise BadIndexError(f"{directory} is not an imgsearch index (it has no {METADATA_FILE})")
+        try:
+            # Readers too use an ordinary connection (and only read): a writer
+            # killed inside a SQLite commit leaves a journal that the next
+            # connection must roll back, which a read-only one cannot do.
+            db = sqlite3.connect(path, timeout=30)
+            db.execute("SELECT count(*) FROM state").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
+        if writable:
+            from .legacy import convert_if_old
+
+            handle = _lock(directory)
+            try:
+                convert_if_old(directory, db)
+                return cls(directory, db, writable, check_manifest, lock_held=True)._holding(handle)
+            except BaseException:
+                db.close()
+                if handle is not None:
+                    handle.close()
+                raise
+        return cls(directory, db, writable, check_manifest)
+
+    def _holding(self, handle) -> "Store":
+        self._lock_handle = handle
+        return self
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _acquire_lock(self) -> None:
+        if self._lock_handle is None:
+            self._lock_handle = _lock(self.directory)
+
+    def _damaged(self, what: str) -> BadIndexError:
+        return BadIndexError(f"index {self.directory} is damaged: {what}")
+
+    def _load_state(self, attempts: int = 10) -> None:
+        for attempt in range(attempts):
+            try:
+                # One read transaction: the state, segments and tombstones
+                # belong to the same commit.
+                self._db.execute("BEGIN")
+                try:
+                    state = dict(self._db.execute("SELECT key, value FROM state"))
+                    manifest = json.loads(state["manifest"])
+                    version = manifest.get("format_version")
+                    if version != FORMAT_VERSION:
+                        raise BadIndexError(self._version_message(version))
+                    rows = int(self._db.execute("SELECT count(*) FROM images").fetchone()[0])
+                    infos = [SegmentInfo(*row) for row in self._db.execute(
+                        "SELECT number, file, count, bytes, sha256 FROM segments ORDER BY number")]
+                    tombstones: dict[int, list[int]] = {}
+                    for segment, image_id in self._db.execute("SELECT segment, id FROM tombstones"):
+                        tombstones.setdefault(segment, []).append(image_id)
+                finally:
+                    self._db.execute("COMMIT")
+                self.manifest = manifest
+                self._next_id = int(state["next_id"])
+                self._next_segment = int(state["next_segment"])
+            except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as exc:
+                raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
+            try:
+                self._view = self._open_view(infos, tombstones)
+            except FileNotFoundError as exc:
+                # A writer committed (a merge) and removed files of the state
+                # we were about to read; the next read sees the new one.
+                time.sleep(0.01 * attempt)
+                if attempt == attempts - 1:
+                    raise self._damaged(f"its file {Path(exc.filename or str(exc)).name} is missing") from None
+                continue
+            if self._view.live != rows or int(self.manifest.get("count", -1)) != rows:
+                raise self._damaged(f"{self._view.live} vectors but {rows} metadata rows "
+                                    f"(manifest count {self.manifest.get('count')})")
+            return
+
+    def _version_message(self, version) -> str:
+        if version == 1:
+            return (f"index {self.directory} has format version 1, which this imgsearch converts: "
+                    f"run 'imgsearch optimize --index {self.directory}' once (nothing is lost)")
+        return (f"index {self.directory} has format version {version}; "
+                f"this imgsearch reads version {FORMAT_VERSION}")
+
+    def _open_view(self, infos: list[SegmentInfo], tombstones: dict[int, list[int]]) -> _View:
+        segments = [Segment(self.directory, info, self.dim) for info in infos]
+        if sum(s.info.bytes for s in segments) <= FULL_CHECK_ON_OPEN_BYTES:
+            for segment in segments:
+                key = (segment.info.file, segment.info.sha256)
+                if key not in self._checked:
+                    if not segment.checksum_ok():
+                        raise self._damaged(
+                            f"{segment.info.file} does not match the checksum recorded when it was written")
+                    self._checked.add(key)
+        known = {s.info.number for s in segments}
+        for number, ids in tombstones.items():
+            if number not in known:
+                raise self._damaged(f"tombstones name segment {number}, which it does not have")
+            segment = segments[[s.info.number for s in segments].index(number)]
+            segment.dead |= np.isin(segment.ids, np.asarray(ids, dtype=np.int64))
+        index = None
+        built = self.manifest.get("ann")
+        if built and built.get("type") != "flat":
+            if not segments or segments[0].info.number != built.get("segment"):
+                raise self._damaged(f"its approximate index covers segment {built.get('segment')}, "
+                                    "which is not its first")
+            index = ann.AnnIndex.open(self.directory, built, segments[0])
+        return _View(int(self.manifest.get("generation", 0)), segments, index)
+
+    def _read_manifest_copy(self) -> dict:
+        try:
+            copy = json.loads((self.directory / MANIFEST_FILE).read_text())
+            int(copy["revision"])
+            return copy
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BadIndexError(
+                f"{MANIFEST_FILE} of index {self.directory} is missing or damaged ({first_line(exc)}); "
+                f"'imgsearch verify --index {self.directory} --repair' rewrites it from the metadata"
+            ) from None
+
+    def _check_manifest_copy(self, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            copy = self._read_manifest_copy()
+            ours = int(self.manifest["revision"])
+            if copy.get("created") != self.manifest.get("created"):
+                break
+            if int(copy["revision"]) <= ours:
+                if int(copy["revision"]) < ours and self.writable:
+                    # A crash between a commit and rewriting the copy: ours to finish.
+                    self._write_manifest_copy()
+                return
+            # A writer committed after we read the metadata: read it again.
+            time.sleep(0.01 * attempt)
+            self._load_state()
+        raise BadIndexError(
+            f"{MANIFEST_FILE} of index {self.directory} does not belong to its metadata; "
+            f"'imgsearch verify --index {self.directory}' shows the details"
+        )
+
+    def repair_manifest_copy(self) -> None:
+        """Rewrite manifest.json from the metadata (the lock is held)."""
+        if not self.writable:
+            raise RuntimeError("store opened read-only")
+        try:
+            self._write_manifest_copy()
+        except OSError as exc:
+            (self.directory / (MANIFEST_FILE + ".tmp")).unlink(missing_ok=True)
+            raise BadIndexError(f"cannot rewrite {MANIFEST_FILE} in {self.directory}: {exc.strerror or exc}") from None
+
+    def verify(self, *, check_files: bool = True, progress=None) -> tuple[list[str], list[str]]:
+        """Problems (the index is damaged) and notes (worth knowing) found by
+        reading everything: the metadata, every vector file against its
+        checksum, and the two against each other.  Memory stays flat: rows
+        and vectors are read a batch at a time."""
+        problems, notes = [], []
+        manifest, view = self.manifest, self._view
+        db_check = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        if db_check != "ok":
+            problems.append(f"SQLite integrity check: {db_check}")
+        rows = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
+        if rows != view.live or manifest.get("count") != rows:
+            problems.append(f"counts differ: {rows} metadata rows, {view.live} vectors, "
+                            f"manifest count {manifest.get('count')}")
+        total = sum(s.count for s in view.segments)
+        done = 0
+        for segment in view.segments:
+            name = segment.info.file
+            if not segment.checksum_ok():
+                problems.append(f"{name} does not match the checksum recorded when it was written")
+                continue
+            # The live ids of the segment must be exactly the rows naming it.
+            live_ids = np.sort(np.asarray(segment.ids)[~segment.dead])
+            named = np.fromiter((i for (i,) in self._db.execute(
+                "SELECT id FROM images WHERE segment = ? ORDER BY id", (segment.info.number,))), dtype=np.int64)
+            if len(live_ids) != len(named) or not np.array_equal(live_ids, named):
+                missing = len(np.setdiff1d(named, live_ids))
+                extra = len(np.setdiff1d(live_ids, named))
+                problems.append(f"ids differ in {name}: {extra} vectors without a row, "
+                                f"{missing} rows without a vector")
+            bad = 0
+            for start, _, vectors in segment.chunks():
+                norms = np.linalg.norm(vectors, axis=1)
+                alive = ~segment.dead[start:start + len(vectors)]
+                bad += int(np.sum((np.abs(norms - 1) > 1e-3) & (norms > 0) & alive))
+                done += len(vectors)
+                if progress:
+                    progress(done, total)
+            if bad:
+                problems.append(f"{bad} vectors in {name} are not unit length")
+        known = {s.info.number for s in view.segments}
+        orphans = self._db.execute(
+            f"SELECT count(*) FROM images WHERE segment NOT IN ({','.join(map(str, known)) or 'NULL'})").fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} metadata rows name a segment the index does not have")
+        if view.ann is not None and not view.ann.checksum_ok():
+            problems.append(f"{view.ann.file} does not match the checksum recorded when it was written")
+        top = self._db.execute("SELECT max(id) FROM images").fetchone()[0]
+        if top is not None and top >= self._next_id:
+            problems.append(f"next id {self._next_id} is not above the largest id {top}")
+        orphan = self._db.execute(
+            "SELECT count(*), min(a.path) FROM aliases a LEFT JOIN images i ON a.image_id = i.id WHERE i.id IS NULL"
+        ).fetchone()
+        if orphan[0]:
+            problems.append(f"{orphan[0]} duplicate paths point to no image (first: {orphan[1]})")
+        try:
+            copy = self._read_manifest_copy()
+            if copy.get("revision", 0) < manifest.get("revision", 0) and copy.get("created") == manifest.get("created"):
+                notes.append(f"{MANIFEST_FILE} is behind the metadata (a write was interrupted); "
+                             "the next write refreshes it")
+            elif {k: copy.get(k) for k in manifest} != manifest:
+                problems.append(f"{MANIFEST_FILE} differs from the manifest in the metadata")
+        except BadIndexError as exc:
+            problems.append(str(exc))
+        strays = sorted(p.name for p in self._stray_files())
+        if strays:
+            notes.append(f"files left by an unfinished commit (removed by the next write): {', '.join(strays)}")
+        if check_files:
+            gone, first = 0, None
+            for (path,) in self._db.execute("SELECT path FROM images UNION ALL SELECT path FROM aliases"):
+                if not os.path.exists(path):
+                    gone, first = gone + 1, first or path
+            if gone:
+                notes.append(f"{gone} indexed files no longer exist (first: {first}); "
+                             "'imgsearch index ... --prune' forgets them")
+        return problems, notes
+
+    def _stray_files(self) -> list[Path]:
+        """Vector files no committed state refers to, and temporary files."""
+        current = {s.info.file for s in self._view.segments}
+        if self._view.ann is not None:
+            current.add(self._view.ann.file)
+        strays = [p for pattern in ("seg-*", "ann-*", "vectors-*.faiss") for p in self.directory.glob(pattern)
+                  if p.name not in current]
+        return strays + [p for p in self.directory.glob("*.tmp") if p not in strays]
+
+    def _remove_leftovers(self) -> None:
+        """Files of commits that never finished (the lock is held)."""
+        for path in self._stray_files():
+            path.unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The open segments of the loaded state, oldest first."""
+        return list(self._view.segments)
+
+    @property
+    def ann(self):
+        """The approximate index over the first segment, or None."""
+        return self._view.ann
+
+    @property
+    def tombstones(self) -> int:
+        return sum(int(s.dead.sum()) for s in self._view.segments)
+
+    def _entries(self, where: str = "", params=()) -> list[Entry]:
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM images {where}", params)
+        return [Entry(*row) for row in rows]
+
+    def entries(self) -> list[Entry]:
+        return self._entries("ORDER BY id")
+
+    def entries_by_id(self, ids) -> dict[int, Entry]:
+        found: dict[int, Entry] = {}
+        for chunk in _chunks(sorted({int(i) for i in ids})):
+            for entry in self._entries(f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                found[entry.id] = entry
+        return found
+
+    def entry_at(self, path: str) -> Entry | None:
+        rows = self._entries("WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def entry_with(self, sha256: str) -> Entry | None:
+        rows = self._entries("WHERE sha256 = ?", (sha256,))
+        return rows[0] if rows else None
+
+    def alias_at(self, path: str) -> Alias | None:
+        row = self._db.execute("SELECT path, image_id, size, mtime, label FROM aliases WHERE path = ?",
+                               (path,)).fetchone()
+        return Alias(*row) if row else None
+
+    def alias_paths_of(self, image_id: int) -> list[str]:
+        return [p for (p,) in self._db.execute(
+            "SELECT path FROM aliases WHERE image_id = ? ORDER BY path", (int(image_id),))]
+
+    def paths(self, batch: int = 10_000):
+        """Every indexed path (images and aliases), a batch at a time."""
+        cursor = self._db.execute("SELECT path FROM images UNION ALL SELECT path FROM aliases")
+        while rows := cursor.fetchmany(batch):
+            yield from (p for (p,) in rows)
+
+    def by_path(self) -> dict[str, Entry]:
+        return {entry.path: entry for entry in self._entries()}
+
+    def by_sha256(self) -> dict[str, Entry]:
+        return {entry.sha256: entry for entry in self._entries()}
+
+    def aliases(self) -> list[Alias]:
+        rows = self._db.execute("SELECT path, image_id, size, mtime, label FROM aliases ORDER BY path")
+        return [Alias(*row) for row in rows]
+
+    def alias_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM aliases").fetchone()[0])
+
+    def labels(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT label, count(*) FROM images WHERE label IS NOT NULL GROUP BY label ORDER BY label"
+        )
+        return dict(rows)
+
+    def labelled_ids(self) -> list[tuple[int, str]]:
+        return list(self._db.execute("SELECT id, label FROM images WHERE label IS NOT NULL ORDER BY id"))
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live vector and its id, segment by segment (all in memory:
+        for small indexes and tests; large ones read :attr:`segments`)."""
+        ids, vectors = [np.empty(0, np.int64)], [np.empty((0, self.dim), np.float32)]
+        for segment in self._view.segments:
+            alive = ~segment.dead
+            ids.append(np.asarray(segment.ids)[alive])
+            vectors.append(np.asarray(segment.vectors)[alive])
+        return np.concatenate(ids), np.concatenate(vectors)
+
+    def vectors(self, ids) -> np.ndarray:
+        """The stored vectors of ``ids`` (as they are in the index)."""
+        ids = np.asarray(list(ids), dtype=np.int64)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        for segment in self._view.segments:
+            rows = segment.positions(ids)
+            hit = rows >= 0
+            if hit.any():
+                order = np.argsort(rows[hit])  # read the file front to back
+                targets = np.nonzero(hit)[0][order]
+                out[targets] = segment.vectors[rows[hit][order]]
+                found |= hit
+        if not found.all():
+            raise KeyError(f"no vector for id {int(ids[~found][0])}")
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """The ``k`` nearest entries of each row of ``queries`` (normalised),
+        best first.  Fewer when the index holds fewer than ``k``.
+
+        Vectors and rows always come from one committed state: if a writer
+        committed new vectors since this store was opened, they are reloaded.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not self.writable:
+            self._db.execute("BEGIN")  # the rows read below belong to one commit
+        try:
+            if not self.writable:
+                current = json.loads(self._db.execute(
+                    "SELECT value FROM state WHERE key = 'manifest'").fetchone()[0])
+                if current.get("generation") != self.manifest.get("generation"):
+                    self._db.execute("COMMIT")
+                    self._load_state()
+                    self._db.execute("BEGIN")
+                else:
+                    self.manifest = current  # metadata-only commits (labels, moves)
+            return self._search_rows(queries, k)
+        finally:
+            if not self.writable:
+                self._db.execute("COMMIT")
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw answer: scores and ids ``(n, min(k, count))`` of the vectors
+        loaded when this store was opened, best first; ids are -1 only where
+        an approximate search found fewer than ``k``."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(int(k), self.count)
+        if k <= 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        scores = [np.full((len(queries), 0), -np.inf, np.float32)]
+        ids = [np.full((len(queries), 0), -1, np.int64)]
+        for number, segment in enumerate(self._view.segments):
+            if not segment.live:
+                continue
+            if number == 0 and self._view.ann is not None:
+                found, rows = self._view.ann.search(queries, k)
+            else:
+                found, rows = segment.search(queries, k)
+            scores.append(found)
+            ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
+        best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
+        return pad(best, best_ids, k)
+
+    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        if min(int(k), self.count) <= 0 or len(queries) == 0:
+            return [[] for _ in range(len(queries))]
+        scores, ids = self.nearest(queries, k)
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        rows = self.entries_by_id(wanted)
+        also: dict[int, list[str]] = {}
+        for chunk in _chunks(wanted):
+            for path, image_id in self._db.execute(
+                f"SELECT path, image_id FROM aliases WHERE image_id IN ({','.join('?' * len(chunk))}) "
+                "ORDER BY path", chunk
+            ):
+                also.setdefault(image_id, []).append(path)
+        return [
+            [Hit(rows[int(i)], float(s), tuple(also.get(int(i), ())))
+             for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in rows]
+            for row_scores, row_ids in zip(scores, ids)
+        ]
+
+    # -- writing ---------------------------------------------------------
+    @property
+    def next_id(self) -> int:
+        """The first id never used in this index (ids are never reused)."""
+        return self._next_id
+
+    def commit(self, changes: Changes) -> None:
+        """Apply ``changes`` atomically.
+
+        Only a commit that adds vectors writes a file (one new segment);
+        removals are tombstones, and metadata-only changes one SQLite
+        transaction.
+        """
+        with deferred_signals():
+            self._commit(changes)
+
+    def _commit(self, changes: Changes) -> None:
+        if not self.writable:
+            raise RuntimeError("store opened read-only")
+        entries = changes.embedded
+        vectors = np.ascontiguousarray(changes.vectors if entries else np.empty((0, self.dim)), dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(entries), self.dim):
+            raise ValueError(f"expected vectors of shape {(len(entries), self.dim)}, not {vectors.shape}")
+        if not len(changes):
+            return
+        ids = [int(e.id) for e in entries]
+        new_ids = [int(e.id) for e in changes.added]
+        if len(set(new_ids)) != len(new_ids) or any(i < self._next_id for i in new_ids):
+            raise ValueError("new entries need unused ids from Store.next_id upwards")
+        if len(set(ids)) != len(ids):
+            raise ValueError("an id may get one vector per commit")
+        next_id = max(new_ids, default=self._next_id - 1) + 1
+
+        # Where the vectors about to be dropped live: they get tombstones.
+        dropped = [int(e.id) for e in changes.replaced] + [int(i) for i in changes.removed]
+        home: dict[int, int] = {}
+        for chunk in _chunks(dropped):
+            home.update(self._db.execute(
+                f"SELECT id, segment FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        tombstones = sorted((segment, image_id) for image_id, segment in home.items())
+        info, number = None, self._next_segment
+        if entries:
+            info = write_segment(self.directory, number, np.asarray(ids, dtype=np.int64), vectors)
+        vectors_changed = bool(entries or tombstones)
+        count = self.count + len(entries) - len(tombstones)
+        segments = len(self._view.segments) + (info is not None)
+        # The revision counts every commit, metadata-only ones too (a label
+        # change keeps the generation): it names an index state exactly.
+        manifest = dict(self.manifest, count=count, segments=segments,
+                        generation=int(self.manifest["generation"]) + vectors_changed,
+                        revision=int(self.manifest["revision"]) + 1, updated=now())
+        try:
+            with self._db:
+                rows_delta = self._apply_rows(changes, number)
+                if info is not None:
+                    self._db.execute("INSERT INTO segments (number, file, count, bytes, sha256, created) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)",
+                                     (info.number, info.file, info.count, info.bytes, info.sha256, now()))
+                self._db.executemany("INSERT INTO tombstones (segment, id) VALUES (?, ?)", tombstones)
+                self._db.executemany(
+                    "UPDATE state SET value = ? WHERE key = ?",
+                    [(json.dumps(manifest), "manifest"), (str(next_id), "next_id"),
+                     (str(number + (info is not None)), "next_segment")],
+                )
+                if rows_delta != len(entries) - len(tombstones):
+                    raise BadIndexError(
+                        f"refusing to commit: it would change the metadata rows by {rows_delta} "
+                        f"but the vectors by {len(entries) - len(tombstones)}; the index is unchanged"
+                    )
+        except BaseException as exc:
+            if info is not None:
+                (self.directory / info.file).unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise BadIndexError(f"refusing to commit inconsistent metadata ({exc}); the index is unchanged") from None
+            if isinstance(exc, sqlite3.OperationalError):
+                raise BadIndexError(f"cannot write index {self.directory} ({exc}); it is unchanged") from None
+            raise
+        # From here the commit stands; the rest updates what this process holds.
+        self.manifest, self._next_id = manifest, next_id
+        self._next_segment = number + (info is not None)
+        by_number = {s.info.number: s for s in self._view.segments}
+        dead: dict[int, list[int]] = {}
+        for segment_number, image_id in tombstones:
+            dead.setdefault(segment_number, []).append(image_id)
+        for segment_number, dead_ids in dead.items():
+            segment = by_number[segment_number]
+            segment.dead[segment.positions(dead_ids)[segment.positions(dead_ids) >= 0]] = True
+        if info is not None:
+            self._view.segments.append(Segment(self.directory, info, self.dim))
+            self._checked.add((info.file, info.sha256))
+        self._view.generation = int(manifest["generation"])
+        with contextlib.suppress(OSError):
+            self._write_manifest_copy()
+
+    def _apply_rows(self, changes: Changes, segment: int) -> int:
+        """Write the rows of a commit; returns the change in the row count."""
+        db = self._db
+        delta = 0
+        for image_id in changes.removed:
+            db.execute("DELETE FROM aliases WHERE image_id = ?", (int(image_id),))
+            delta -= db.execute("DELETE FROM images WHERE id = ?", (int(image_id),)).rowcount
+        db.executemany("DELETE FROM aliases WHERE path = ?", [(p,) for p in changes.unaliased])
+        # Updates first: a promoted copy moves its image off a path that a
+        # new image of this same commit takes.
+        db.executemany(
+            "UPDATE images SET path = ?, sha256 = ?, size = ?, mtime = ?, label = ?, width = ?, height = ?, "
+            "segment = ? WHERE id = ?",
+            [(e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height, segment, int(e.id))
+             for e in changes.replaced],
+        )
+        db.executemany(
+            "UPDATE images SET path = ?, sha256 = ?, size = ?, mtime = ?, label = ?, width = ?, height = ? "
+            "WHERE id = ?",
+            [(e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height, int(e.id)) for e in changes.updated],
+        )
+        db.executemany(
+            f"INSERT INTO images ({_COLUMNS}, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.id, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height, segment)
+             for e in changes.added],
+        )
+        delta += len(changes.added)
+        db.executemany(
+            "INSERT OR REPLACE INTO aliases (path, image_id, size, mtime, label) VALUES (?, ?, ?, ?, ?)",
+            [(a.path, int(a.image_id), a.size, a.mtime, a.label) for a in changes.aliases],
+        )
+        # Only what this commit touched can have become inconsistent.
+        for alias in changes.aliases:
+            if db.execute("SELECT 1 FROM images WHERE path = ?", (alias.path,)).fetchone():
+                raise sqlite3.IntegrityError(f"alias {alias.path} is inconsistent")
+            if not db.execute("SELECT 1 FROM images WHERE id = ?", (int(alias.image_id),)).fetchone():
+                raise sqlite3.IntegrityError(f"alias {alias.path} is inconsistent")
+        for entry in changes.added + changes.replaced + changes.updated:
+            if db.execute("SELECT 1 FROM aliases WHERE path = ?", (entry.path,)).fetchone():
+                raise sqlite3.IntegrityError(f"alias {entry.path} is inconsistent")
+        return delta
+
+    def discard(self) -> None:
+        """Remove an index this process created and never committed to."""
+        if not (self.created_here and self.count == 0):
+            raise RuntimeError("only a new, empty index can be discarded")
+        files = [s.path for s in self._view.segments]
+        self.close()
+        for path in files:
+            path.unlink(missing_ok=True)
+        for name in (METADATA_FILE, MANIFEST_FILE, LOCK_FILE):
+            (self.directory / name).unlink(missing_ok=True)
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
+
+    def _write_manifest_copy(self) -> None:
+        write_atomic(self.directory / MANIFEST_FILE, _manifest_bytes(self.manifest))
+
+    # -- merging (see merge.py) ----------------------------------------
+    def _replace_all_segments(self, info: SegmentInfo | None, built: dict | None, search: dict) -> None:
+        """Make ``info`` (every live vector, merged) the only segment, with
+        ``built`` its approximate index, in one transaction; then remove the
+        files it replaces."""
+        old_files = [s.path for s in self._view.segments]
+        if self._view.ann is not None:
+            old_files.append(self.directory / self._view.ann.file)
+        keep = {info.file} if info else set()
+        if built and built.get("file"):
+            keep.add(built["file"])
+        manifest = dict(self.manifest, ann=built, search=search, segments=int(info is not None),
+                        generation=int(self.manifest["generation"]) + 1,
+                        revision=int(self.manifest["revision"]) + 1, updated=now())
+        with deferred_signals():
+            try:
+                with self._db:
+                    self._db.execute("DELETE FROM segments")
+                    self._db.execute("DELETE FROM tombstones")
+                    if info is not None:
+                        self._db.execute(
+                            "INSERT INTO segments (number, file, count, bytes, sha256, created) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (info.number, info.file, info.count, info.bytes, info.sha256, now()))
+                        self._db.execute("UPDATE images SET segment = ?", (info.number,))
+                    self._db.executemany("UPDATE state SET value = ? WHERE key = ?", [
+                        (json.dumps(manifest), "manifest"),
+                        (str(max(self._next_segment, (info.number + 1) if info else 0)), "next_segment")])
+            except sqlite3.OperationalError as exc:
+                raise BadIndexError(f"cannot write index {self.directory} ({exc}); it is unchanged") from None
+            self.manifest = manifest
+            self._next_segment = max(self._next_segment, (info.number + 1) if info else 0)
+            with contextlib.suppress(OSError):
+                self._write_manifest_copy()
+        for path in old_files:
+            if path.name not in keep:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        self._load_state()
