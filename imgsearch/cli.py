@@ -363,10 +363,16 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         )
         if pruned is not None:
             click.echo(f"pruned {pruned.removed} images and {pruned.paths_only} duplicate paths whose files are gone")
-        reason = idx.optimize_due()
-        asked = index_type or target_recall or max_memory
-        if (reason or (asked and not idx.store.created_here)) and not no_optimize:
-            click.echo(f"optimizing: {reason or 'new search settings'}", err=True)
+        kind, reason = idx.optimize_due() or (None, None)
+        if (index_type or target_recall or max_memory) and not idx.store.created_here:
+            kind, reason = "optimize", "new search settings"
+        if kind == "compact" and not no_optimize:
+            click.echo(f"merging recent segments: {reason}", err=True)
+            merged = idx.compact(progress=_stage_bar())
+            click.echo(f"merged {merged.segments_before} segments into "
+                       f"{len(idx.store.segments)} in {merged.seconds:.1f} s")
+        elif kind == "optimize" and not no_optimize:
+            click.echo(f"optimizing: {reason}", err=True)
             _echo_optimized(idx.optimize(index_type=index_type, target_recall=target_recall,
                                          max_memory=max_memory, progress=_stage_bar()))
         if report.relabelled:

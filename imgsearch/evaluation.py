@@ -196,7 +196,8 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
     entries, vectors = index.labelled_vectors()
     if not entries:
         raise UsageError(f"index {index.store.directory} has no labels to evaluate against")
-    label_of = {e.id: e.label for e in index.store.entries()}
+    # Neighbours without a label vote for nothing; only labelled rows are read.
+    label_of = {e.id: e.label for e in entries}
     notes: list[str] = []
     skipped: list = []
     k_max = ks[-1]

@@ -22,7 +22,6 @@ import csv
 import math
 import os
 import time
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -358,8 +357,9 @@ class Index:
         encoder = self.encoder
         sync = Sync(self.store)
         count_before = self.store.count
-        # Workers consult the sync state while the main thread changes it.
-        sync_lock = threading.Lock()
+        # Workers consult the sync state (and through it the store) while
+        # the main thread changes it.
+        sync_lock = sync.lock
 
         def prepare(file: imgs.ImageFile, *, force: bool = False) -> _Prepared:
             path = str(file.path)
@@ -430,7 +430,7 @@ class Index:
                                       item.file.label, item.width, item.height)
                     outcome = sync.add(facts, vector_of.get(id(item)))
                     if outcome == "duplicate":
-                        report.duplicates.append((path, sync.entries[sync.alias[path].image_id].path))
+                        report.duplicates.append((path, sync.original_of(path)))
                     else:
                         setattr(report, counters[outcome], getattr(report, counters[outcome]) + 1)
                         report.relabelled += outcome == "relabelled"
@@ -476,21 +476,22 @@ class Index:
         if not self.store.writable:
             raise UsageError("index opened for reading; use Index.build to remove images")
         wanted = [os.path.abspath(p) for p in paths]
-        sync = Sync(self.store)
-        indexed = list(sync.id_of_path) + list(sync.alias)
-        doomed = sorted({path for path in indexed for w in wanted
-                         if path == w or path.startswith(w.rstrip(os.sep) + os.sep)})
-        report = RemoveReport(not_indexed=[w for w in wanted if not any(
-            d == w or d.startswith(w.rstrip(os.sep) + os.sep) for d in doomed)])
-        return self._drop(sync, doomed, report)
+        doomed: set[str] = set()
+        report = RemoveReport()
+        for path in wanted:
+            found = self.store.paths_under(path)
+            doomed.update(found)
+            if not found:
+                report.not_indexed.append(path)
+        return self._drop(Sync(self.store), sorted(doomed), report)
 
     def prune(self) -> RemoveReport:
         """Forget every indexed file that no longer exists."""
         if not self.store.writable:
             raise UsageError("index opened for reading; use Index.build to prune it")
-        sync = Sync(self.store)
-        gone = sorted(p for p in list(sync.id_of_path) + list(sync.alias) if not os.path.exists(p))
-        return self._drop(sync, gone, RemoveReport())
+        # Paths are streamed from the store; only the missing ones are kept.
+        gone = sorted(p for p in self.store.paths() if not os.path.exists(p))
+        return self._drop(Sync(self.store), gone, RemoveReport())
 
     def _drop(self, sync: Sync, paths: list[str], report: RemoveReport) -> RemoveReport:
         for path in paths:
@@ -573,7 +574,7 @@ class Index:
     def labelled_vectors(self) -> tuple[list[Entry], np.ndarray]:
         """The labelled entries and their stored vectors, in id order (the
         unlabelled ones are never read)."""
-        entries = [e for e in self.store.entries() if e.label is not None]
+        entries = self.store.labelled_entries()
         return entries, self.store.vectors([e.id for e in entries])
 
     def optimize(self, *, index_type: str | None = None, target_recall: float | None = None,
@@ -587,9 +588,19 @@ class Index:
         return optimize(self.store, index_type=index_type, target_recall=target_recall,
                         max_memory=max_memory, force=force, progress=progress)
 
-    def optimize_due(self) -> str | None:
-        """Why the index should be merged now (many segments, many vectors
-        not merged, many removed), or None."""
+    def compact(self, *, progress=None):
+        """Merge the segments added since the last optimize among themselves
+        (see :func:`imgsearch.store.compact`)."""
+        from .store import compact
+
+        if not self.store.writable:
+            raise UsageError("index opened for reading; open it writable to merge it")
+        return compact(self.store, progress=progress)
+
+    def optimize_due(self) -> tuple[str, str] | None:
+        """``("optimize", why)`` or ``("compact", why)`` when the index
+        should be merged now (many vectors not merged, many removed, many
+        segments), or None."""
         from .store import due
 
         return due(self.store)

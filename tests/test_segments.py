@@ -142,3 +142,27 @@ def _churn_more(store, reference, rng):
     for i in removed:
         del reference.vectors[i]
     return removed
+
+
+def test_compact_merges_recent_segments_and_leaves_the_merged_part(tmp_path):
+    from imgsearch.store import compact, due
+    from imgsearch.store import merge
+
+    rng = np.random.default_rng(5)
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    reference = _churn(store, rng, commits=3, per_commit=300)
+    optimize(store, index_type="ivf-sq8", target_recall=0.99)
+    merged = store.segments[0].path
+    before = merged.read_bytes()
+    # Small commits that replace and remove among their own images.
+    reference.vectors.update(_churn(store, rng, commits=merge.MAX_SEGMENTS + 1, per_commit=3).vectors)
+    live = {e.id for e in store.entries()}
+    assert live == set(reference.vectors)
+    assert due(store) == ("compact", f"{merge.MAX_SEGMENTS + 2} segments")
+    report = compact(store)
+    assert report.merged and len(store.segments) == 2 and store.segments[0].path == merged
+    assert merged.read_bytes() == before and store.manifest["ann"]["type"] == "ivf-sq8"
+    assert store.segments[1].dead.sum() == 0 and due(store) is None
+    ids = sorted(live)
+    np.testing.assert_allclose(store.vectors(ids), np.stack([reference.vectors[i] for i in ids]), rtol=1e-6)
+    assert store.verify(check_files=False) == ([], [])

@@ -175,3 +175,30 @@ def test_swapping_two_files_swaps_their_pictures(store, files):
     assert rows[a].sha256 == "sha-b.jpg" and rows[b].sha256 == "sha-a.jpg"
     np.testing.assert_array_equal(store.vectors([rows[a].id]), vector_b)
     assert store.aliases() == [] and store.count == 3
+
+
+def test_updates_look_rows_up_instead_of_loading_the_index(tmp_path, monkeypatch):
+    """An update of a few files reads only their rows: nothing that loads
+    every row or alias of the index is called (memory follows the files in
+    the update, not the collection)."""
+    from conftest import SAMPLE_DATA, run
+
+    index_dir = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "labelled", "--index", index_dir, "--encoder", "tiny-color")
+    for name in ("entries", "by_path", "by_sha256", "aliases", "all_vectors"):
+        monkeypatch.setattr(Store, name, lambda *a, **k: pytest.fail("the whole index was loaded"))
+    result = run("index", SAMPLE_DATA / "labelled", SAMPLE_DATA / "queries", "--index", index_dir,
+                 "--encoder", "tiny-color")
+    assert "added 5, updated 0, moved 0, unchanged 50" in result.stdout
+    run("remove", SAMPLE_DATA / "queries", "--index", index_dir)
+    run("index", SAMPLE_DATA / "labelled", "--index", index_dir, "--prune")
+
+
+def test_verify_finds_one_content_stored_twice(store, files):
+    from imgsearch.store import Changes, Entry
+
+    _add_all(store, files)
+    twin = Entry(store.next_id, str(files / "twin.jpg"), "sha-a.jpg", 1, 1.0, None, 4, 4)
+    store.commit(Changes(added=[twin], vectors=[_vector(9)]))  # a bug in a caller, not a rule of Sync
+    problems, _ = store.verify(check_files=False)
+    assert problems == ["1 contents are stored as more than one image (first: sha256 sha-a.jpg)"]

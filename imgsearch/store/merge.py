@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BadIndexError, Interrupted, UsageError
 from . import ann
-from .files import write_error
+from .files import deferred_signals, write_error
 from .segments import Segment, SegmentWriter, segment_name
 
 # An automatic merge is due past any of these.
@@ -69,20 +69,23 @@ def unmerged(store) -> int:
     return sum(s.live for s in segments[len(settled):])
 
 
-def due(store) -> str | None:
-    """Why an automatic merge is due now, or None."""
+def due(store) -> tuple[str, str] | None:
+    """Whether a merge is due now: ``("optimize", why)`` for a full merge
+    and rebuild, ``("compact", why)`` when only many small segments pile up
+    (they are merged among themselves, the merged part is left alone), or
+    None."""
     segments = store.segments
     if not segments:
         return None
     settled = segments[0].live if store.manifest.get("ann") else 0
     pending = unmerged(store)
-    if len(segments) > MAX_SEGMENTS:
-        return f"{len(segments)} segments"
     if pending > max(MERGE_MIN_VECTORS, MERGE_FRACTION * settled):
-        return f"{pending} vectors not merged"
+        return "optimize", f"{pending} vectors not merged"
     stored = sum(s.count for s in segments)
     if store.tombstones > MERGE_FRACTION * stored and store.tombstones >= 1000:
-        return f"{store.tombstones} removed or replaced vectors still stored"
+        return "optimize", f"{store.tombstones} removed or replaced vectors still stored"
+    if len(segments) > MAX_SEGMENTS:
+        return "compact", f"{len(segments)} segments"
     return None
 
 
@@ -102,45 +105,39 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
     report = OptimizeReport(kind, store.count, len(segments), store.tombstones)
     merge = len(segments) > 1 or store.tombstones > 0
     rebuild = (merge or force or built.get("type") != kind
-               or float(built.get("target_recall", -1)) != chosen["target_recall"]
-               or (store.count > 0 and not built))
-    if not (merge or rebuild) or store.count == 0 and not segments:
+               or float(built.get("target_recall", -1)) != chosen["target_recall"])
+    if not segments or not (merge or rebuild):
         report.merged = report.rebuilt = False
         report.recall_at_10, report.params = built.get("recall_at_10"), dict(built.get("params", {}))
         report.target_recall = chosen["target_recall"]
         if chosen != store.manifest.get("search"):
-            store._replace_all_segments(segments[0].info if segments else None, built or None, chosen)
+            _swap(store, [], [], None, search=chosen)
         report.seconds = time.perf_counter() - started
         return report
     directory = store.directory
     made: list = []
     try:
         if merge:
-            for number, segment in enumerate(segments, start=1):
-                if progress:
-                    progress("checking", number - 1, len(segments))
-                if not segment.checksum_ok():
-                    raise BadIndexError(
-                        f"index {directory} is damaged: {segment.info.file} does not match the checksum "
-                        "recorded when it was written; nothing was merged ('imgsearch verify' shows more)")
+            _check(store, segments, progress)
             info = _merge(store, segments, made, progress) if store.count else None
         else:
             info = segments[0].info
-        if info is None:
-            manifest_ann = None
-        else:
+        manifest_ann = None
+        if info is not None:
             target = Segment(directory, info, store.dim)
-            name = f"ann-{info.number:06d}.faiss"
+            # A name of its own, never that of the file it replaces: readers
+            # may have the old one open, and a crash must leave it whole.
+            name = f"ann-{info.number:06d}-{int(store.manifest['revision']) + 1:06d}.faiss"
             if kind != "flat":
                 made.append(directory / name)
             manifest_ann, _ = ann.build(
                 directory, name, kind, target, target_recall=chosen["target_recall"], seed=seed,
                 progress=(lambda done, total: progress("building", done, total)) if progress else None)
             manifest_ann["segment"] = info.number
-        store._replace_all_segments(info, manifest_ann, chosen)
+        _swap(store, made, segments if merge else [], info if merge else None, built=manifest_ann, search=chosen)
     except KeyboardInterrupt:
         _remove(made)
-        raise Interrupted(f"interrupted: index {directory} is unchanged; run the same command again") from None
+        raise _interrupted(store, made) from None
     except BaseException:
         _remove(made)
         raise
@@ -152,8 +149,72 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
     return report
 
 
+def compact(store, *, progress: Stage | None = None) -> OptimizeReport:
+    """Merge the segments outside the merged part among themselves (they
+    stay searched exactly): cheap, since the merged part is not touched."""
+    if not store.writable:
+        raise UsageError("index opened for reading; open it writable to merge it")
+    started = time.perf_counter()
+    segments = store.segments
+    settled = 1 if store.manifest.get("ann") else 0
+    recent = segments[settled:]
+    report = OptimizeReport((store.manifest.get("ann") or {}).get("type", "none"), sum(s.live for s in recent),
+                            len(segments), sum(int(s.dead.sum()) for s in recent), rebuilt=False)
+    if len(recent) < 2:
+        report.merged = False
+        return report
+    made: list = []
+    try:
+        _check(store, recent, progress)
+        info = _merge(store, recent, made, progress) if report.vectors else None
+        _swap(store, made, recent, info)
+    except KeyboardInterrupt:
+        _remove(made)
+        raise _interrupted(store, made) from None
+    except BaseException:
+        _remove(made)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _swap(store, made: list, old, info, **changes) -> None:
+    """Commit the merge; from the commit on, the files made are the index's
+    own (a Ctrl-C landing here is held until they are no longer ours to
+    remove), and the store reloads its state."""
+    with deferred_signals():
+        store._replace_segments(old, info, **changes)
+        made.clear()
+        made.append(_COMMITTED)
+    store._load_state()
+
+
+_COMMITTED = object()  # left in `made` once the merge stands
+
+
+def _interrupted(store, made: list) -> Interrupted:
+    if _COMMITTED in made:
+        return Interrupted(f"interrupted: the merge of index {store.directory} was committed just before")
+    return Interrupted(f"interrupted: index {store.directory} is unchanged; run the same command again")
+
+
+def _check(store, segments, progress) -> None:
+    """Every segment against its checksum, before anything is written from it."""
+    for number, segment in enumerate(segments, start=1):
+        if progress:
+            progress("checking", number - 1, len(segments))
+        if not segment.checksum_ok():
+            raise BadIndexError(
+                f"index {store.directory} is damaged: {segment.info.file} does not match the checksum "
+                "recorded when it was written; nothing was merged ('imgsearch verify' shows more)")
+    if progress:
+        progress("checking", len(segments), len(segments))
+
+
 def _remove(paths) -> None:
     for path in paths:
+        if path is _COMMITTED:
+            continue
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 

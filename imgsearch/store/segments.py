@@ -161,9 +161,26 @@ class Segment:
         return rows
 
     def chunks(self, rows: int = _CHUNK_ROWS):
-        """(start, ids, vectors) pieces in file order, for reading it all."""
-        for start in range(0, self.count, rows):
-            yield start, np.asarray(self.ids[start:start + rows]), np.asarray(self.vectors[start:start + rows])
+        """(start, ids, vectors) pieces in file order, for reading it all.
+
+        Read with plain reads into one reused buffer rather than through the
+        memory map: pages touched through a map count as the process's own
+        memory until it is unmapped, so a pass over a large index would look
+        (and, under pressure, act) as if it held the whole file."""
+        ids = np.asarray(self.ids)
+        buffer = np.empty((min(rows, self.count), self.dim), np.float32)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(HEADER_BYTES + 8 * self.count)
+            for start in range(0, self.count, rows):
+                block = buffer[:min(rows, self.count - start)]
+                view = memoryview(block).cast("B")
+                got = 0
+                while got < len(view):
+                    read = handle.readinto(view[got:])
+                    if not read:
+                        raise OSError(f"{self.path.name} ended early")
+                    got += read
+                yield start, ids[start:start + len(block)], block
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner product over the live rows: scores and rows
@@ -171,8 +188,7 @@ class Segment:
         n = len(queries)
         best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
         best_rows = np.full((n, 0), -1, dtype=np.int64)
-        for start in range(0, self.count, _CHUNK_ROWS):
-            block = np.asarray(self.vectors[start:start + _CHUNK_ROWS])
+        for start, _, block in self.chunks():
             scores = queries @ block.T
             dead = self.dead[start:start + len(block)]
             if dead.any():

@@ -32,6 +32,7 @@ and metadata rows.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -57,11 +58,14 @@ FULL_CHECK_ON_OPEN_BYTES = 64 << 20
 
 # One row per distinct content (one vector each); further paths holding the
 # same bytes are aliases of that row, so a picture is never found twice.
+# The content hash has no index: random keys would make every commit rewrite
+# about one index page per new image (40 ms per 1,000 at a million images,
+# more than the vectors themselves); the writer keeps its own (_ShaIndex).
 _SCHEMA = """
 CREATE TABLE images (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     label TEXT,
@@ -189,6 +193,33 @@ def _chunks(items, size: int = _BATCH):
         yield items[start:start + size]
 
 
+class _ShaIndex:
+    """Content hash to id, for the one process that writes: Python's hash of
+    each sha256 (8 bytes) beside its id, sorted, loaded on first use (16
+    bytes an image), plus what this process committed since.  A candidate
+    is confirmed against its row, so stale entries (removed or changed
+    images) are harmless."""
+
+    def __init__(self, db: sqlite3.Connection):
+        keys, ids = [], []
+        cursor = db.execute("SELECT id, sha256 FROM images")
+        while rows := cursor.fetchmany(50_000):
+            ids += [row[0] for row in rows]
+            keys += [hash(row[1]) for row in rows]
+        order = np.argsort(np.asarray(keys, dtype=np.int64), kind="stable")
+        self.keys = np.asarray(keys, dtype=np.int64)[order]
+        self.ids = np.asarray(ids, dtype=np.int64)[order]
+        self.recent: dict[str, int] = {}
+
+    def candidates(self, sha256: str) -> list[int]:
+        key = hash(sha256)
+        lo, hi = np.searchsorted(self.keys, key, side="left"), np.searchsorted(self.keys, key, side="right")
+        found = [int(i) for i in self.ids[lo:hi]]
+        if sha256 in self.recent:
+            found.append(self.recent[sha256])
+        return found
+
+
 @dataclass
 class _View:
     """The vectors of one committed state: its segments, oldest first, and
@@ -215,6 +246,7 @@ class Store:
         self.created_here = False
         self._made_folder = False
         self._checked: set[tuple[str, str]] = set()  # (file, sha256) whose checksum held
+        self._sha_index: _ShaIndex | None = None
         if writable and not lock_held:
             # The state must be read under the lock, or a writer could start
             # from a state another writer is about to replace.
@@ -315,7 +347,7 @@ class Store:
         # leaves a folder that looks like an index but is not one.
         os.replace(tmp, directory / METADATA_FILE)
         fsync_dir(directory)
-        db = sqlite3.connect(directory / METADATA_FILE, timeout=30)
+        db = sqlite3.connect(directory / METADATA_FILE, timeout=30, check_same_thread=False)
         return cls(directory, db, writable=True, lock_held=True)
 
     @classmethod
@@ -334,7 +366,9 @@ class Store:
             # Readers too use an ordinary connection (and only read): a writer
             # killed inside a SQLite commit leaves a journal that the next
             # connection must roll back, which a read-only one cannot do.
-            db = sqlite3.connect(path, timeout=30)
+            # Shared between threads by callers that serialise their use
+            # (the indexer's workers look rows up under one lock).
+            db = sqlite3.connect(path, timeout=30, check_same_thread=False)
             db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
@@ -500,22 +534,37 @@ class Store:
         if rows != view.live or manifest.get("count") != rows:
             problems.append(f"counts differ: {rows} metadata rows, {view.live} vectors, "
                             f"manifest count {manifest.get('count')}")
+        # The live ids of each segment must be exactly the rows naming it:
+        # one pass over the rows, sorted by segment, a segment at a time.
+        by_number = {s.info.number: s for s in view.segments}
+        seen, orphans = set(), 0
+        rows_cursor = self._db.execute("SELECT segment, id FROM images ORDER BY segment, id")
+        for number, group in itertools.groupby(rows_cursor, key=lambda row: row[0]):
+            named = np.fromiter((image_id for _, image_id in group), dtype=np.int64)
+            segment = by_number.get(number)
+            if segment is None:
+                orphans += len(named)
+                continue
+            seen.add(number)
+            live_ids = np.sort(np.asarray(segment.ids)[~segment.dead])
+            if not np.array_equal(live_ids, named):
+                problems.append(f"ids differ in {segment.info.file}: "
+                                f"{len(np.setdiff1d(live_ids, named))} vectors without a row, "
+                                f"{len(np.setdiff1d(named, live_ids))} rows without a vector")
+        if orphans:
+            problems.append(f"{orphans} metadata rows name a segment the index does not have")
+        for number, segment in by_number.items():
+            if number not in seen and segment.live:
+                problems.append(f"ids differ in {segment.info.file}: {segment.live} vectors without a row, "
+                                "0 rows without a vector")
         total = sum(s.count for s in view.segments)
         done = 0
         for segment in view.segments:
             name = segment.info.file
             if not segment.checksum_ok():
                 problems.append(f"{name} does not match the checksum recorded when it was written")
+                done += segment.count
                 continue
-            # The live ids of the segment must be exactly the rows naming it.
-            live_ids = np.sort(np.asarray(segment.ids)[~segment.dead])
-            named = np.fromiter((i for (i,) in self._db.execute(
-                "SELECT id FROM images WHERE segment = ? ORDER BY id", (segment.info.number,))), dtype=np.int64)
-            if len(live_ids) != len(named) or not np.array_equal(live_ids, named):
-                missing = len(np.setdiff1d(named, live_ids))
-                extra = len(np.setdiff1d(live_ids, named))
-                problems.append(f"ids differ in {name}: {extra} vectors without a row, "
-                                f"{missing} rows without a vector")
             bad = 0
             for start, _, vectors in segment.chunks():
                 norms = np.linalg.norm(vectors, axis=1)
@@ -526,13 +575,13 @@ class Store:
                     progress(done, total)
             if bad:
                 problems.append(f"{bad} vectors in {name} are not unit length")
-        known = {s.info.number for s in view.segments}
-        orphans = self._db.execute(
-            f"SELECT count(*) FROM images WHERE segment NOT IN ({','.join(map(str, known)) or 'NULL'})").fetchone()[0]
-        if orphans:
-            problems.append(f"{orphans} metadata rows name a segment the index does not have")
         if view.ann is not None and not view.ann.checksum_ok():
             problems.append(f"{view.ann.file} does not match the checksum recorded when it was written")
+        twice = self._db.execute(
+            "SELECT count(*), min(sha256) FROM (SELECT sha256 FROM images GROUP BY sha256 HAVING count(*) > 1)"
+        ).fetchone()
+        if twice[0]:
+            problems.append(f"{twice[0]} contents are stored as more than one image (first: sha256 {twice[1]})")
         top = self._db.execute("SELECT max(id) FROM images").fetchone()[0]
         if top is not None and top >= self._next_id:
             problems.append(f"next id {self._next_id} is not above the largest id {top}")
@@ -619,8 +668,14 @@ class Store:
         return rows[0] if rows else None
 
     def entry_with(self, sha256: str) -> Entry | None:
-        rows = self._entries("WHERE sha256 = ?", (sha256,))
-        return rows[0] if rows else None
+        """The image with this content, or None."""
+        if self._sha_index is None:
+            self._sha_index = _ShaIndex(self._db)
+        for image_id in self._sha_index.candidates(sha256):
+            rows = self._entries("WHERE id = ? AND sha256 = ?", (image_id, sha256))
+            if rows:
+                return rows[0]
+        return None
 
     def alias_at(self, path: str) -> Alias | None:
         row = self._db.execute("SELECT path, image_id, size, mtime, label FROM aliases WHERE path = ?",
@@ -636,6 +691,21 @@ class Store:
         cursor = self._db.execute("SELECT path FROM images UNION ALL SELECT path FROM aliases")
         while rows := cursor.fetchmany(batch):
             yield from (p for (p,) in rows)
+
+    def paths_under(self, path: str) -> list[str]:
+        """Indexed paths (images and aliases) equal to ``path`` or inside the
+        folder ``path``, by a range over the path index."""
+        folder = path.rstrip(os.sep) + os.sep
+        # Every path starting with `folder` sorts in [folder, folder + U+10FFFF).
+        end = folder + "\U0010ffff"
+        found = []
+        for table in ("images", "aliases"):
+            found += [p for (p,) in self._db.execute(
+                f"SELECT path FROM {table} WHERE path = ? OR (path >= ? AND path < ?)", (path, folder, end))]
+        return sorted(found)
+
+    def labelled_entries(self) -> list[Entry]:
+        return self._entries("WHERE label IS NOT NULL ORDER BY id")
 
     def by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self._entries()}
@@ -831,6 +901,8 @@ class Store:
             raise
         # From here the commit stands; the rest updates what this process holds.
         self.manifest, self._next_id = manifest, next_id
+        if self._sha_index is not None:
+            self._sha_index.recent.update((e.sha256, int(e.id)) for e in entries + changes.updated)
         self._next_segment = number + (info is not None)
         by_number = {s.info.number: s for s in self._view.segments}
         dead: dict[int, list[int]] = {}
@@ -906,42 +978,49 @@ class Store:
         write_atomic(self.directory / MANIFEST_FILE, _manifest_bytes(self.manifest))
 
     # -- merging (see merge.py) ----------------------------------------
-    def _replace_all_segments(self, info: SegmentInfo | None, built: dict | None, search: dict) -> None:
-        """Make ``info`` (every live vector, merged) the only segment, with
-        ``built`` its approximate index, in one transaction; then remove the
-        files it replaces."""
-        old_files = [s.path for s in self._view.segments]
-        if self._view.ann is not None:
-            old_files.append(self.directory / self._view.ann.file)
-        keep = {info.file} if info else set()
-        if built and built.get("file"):
-            keep.add(built["file"])
-        manifest = dict(self.manifest, ann=built, search=search, segments=int(info is not None),
-                        generation=int(self.manifest["generation"]) + 1,
-                        revision=int(self.manifest["revision"]) + 1, updated=now())
+    def _replace_segments(self, old: list[Segment], info: SegmentInfo | None, *, built=..., search=...) -> None:
+        """Put ``info`` (the live vectors of the ``old`` segments, merged) in
+        their place, in one transaction, with ``built`` the approximate
+        index (``...``: unchanged) and ``search`` the settings asked for;
+        then remove the files it replaced.  The caller reloads the state
+        (:meth:`_load_state`) once it has forgotten the files it made."""
+        numbers = [s.info.number for s in old]
+        old_files = [s.path for s in old]
+        manifest = dict(self.manifest, generation=int(self.manifest["generation"]) + 1,
+                        revision=int(self.manifest["revision"]) + 1, updated=now(),
+                        segments=len(self._view.segments) - len(old) + (info is not None))
+        if built is not ...:
+            manifest["ann"] = built
+            if self._view.ann is not None and (not built or built.get("file") != self._view.ann.file):
+                old_files.append(self.directory / self._view.ann.file)
+        if search is not ...:
+            manifest["search"] = search
+        if info is not None and info.file in {p.name for p in old_files}:
+            old_files = [p for p in old_files if p.name != info.file]  # settings only: same file
+        marks = ",".join("?" * len(numbers))
+        next_segment = max(self._next_segment, (info.number + 1) if info else 0)
         with deferred_signals():
             try:
                 with self._db:
-                    self._db.execute("DELETE FROM segments")
-                    self._db.execute("DELETE FROM tombstones")
+                    if numbers:
+                        self._db.execute(f"DELETE FROM segments WHERE number IN ({marks})", numbers)
+                        self._db.execute(f"DELETE FROM tombstones WHERE segment IN ({marks})", numbers)
                     if info is not None:
                         self._db.execute(
-                            "INSERT INTO segments (number, file, count, bytes, sha256, created) "
+                            "INSERT OR REPLACE INTO segments (number, file, count, bytes, sha256, created) "
                             "VALUES (?, ?, ?, ?, ?, ?)",
                             (info.number, info.file, info.count, info.bytes, info.sha256, now()))
-                        self._db.execute("UPDATE images SET segment = ?", (info.number,))
+                        if numbers and numbers != [info.number]:
+                            self._db.execute(f"UPDATE images SET segment = ? WHERE segment IN ({marks})",
+                                             [info.number, *numbers])
                     self._db.executemany("UPDATE state SET value = ? WHERE key = ?", [
-                        (json.dumps(manifest), "manifest"),
-                        (str(max(self._next_segment, (info.number + 1) if info else 0)), "next_segment")])
+                        (json.dumps(manifest), "manifest"), (str(next_segment), "next_segment")])
             except sqlite3.OperationalError as exc:
                 raise BadIndexError(f"cannot write index {self.directory} ({exc}); it is unchanged") from None
-            self.manifest = manifest
-            self._next_segment = max(self._next_segment, (info.number + 1) if info else 0)
+            self.manifest, self._next_segment = manifest, next_segment
             with contextlib.suppress(OSError):
                 self._write_manifest_copy()
         for path in old_files:
-            if path.name not in keep:
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         fsync_dir(self.directory)
-        self._load_state()
