@@ -164,7 +164,7 @@ def _refine(segment, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.
     from .segments import pad, top_k
 
     wanted = np.unique(rows[rows >= 0])
-    vectors = np.asarray(segment.vectors[wanted]) if len(wanted) else np.empty((0, segment.dim), np.float32)
+    vectors = segment.rows(wanted)
     at = np.searchsorted(wanted, np.maximum(rows, 0))
     scores = np.einsum("nd,nkd->nk", queries, vectors[at]) if len(wanted) else np.zeros(rows.shape, np.float32)
     scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
@@ -228,19 +228,19 @@ def build(directory: Path, name: str, index_type: str, segment, *, target_recall
     from ..hashing import sha256_file
 
     count, dim = segment.count, segment.dim
-    rng = np.random.default_rng(seed)
-    held = np.sort(rng.choice(count, size=min(HELD_BACK, count), replace=False))
-    queries = np.asarray(segment.vectors[held])
-    truth = _exact_neighbours(segment, queries, held)
-    if index_type == "flat":
+    if index_type == "flat":  # exact: nothing to build or measure
         return {"type": "flat", "recall_at_10": 1.0, "target_recall": target_recall,
                 "memory": memory_needed("flat", count, dim), "vectors": count}, None
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(count, size=min(HELD_BACK, count), replace=False))
+    queries = segment.rows(held)
+    truth = _exact_neighbours(segment, queries, held)
     index = _factory(index_type, count, dim)
     if not index.is_trained:
         train_rows = np.sort(rng.choice(count, size=min(count, _MAX_TRAIN, max(
             _TRAIN_PER_LIST * getattr(index, "nlist", 256), 256 * 40)), replace=False))
-        index.train(np.ascontiguousarray(segment.vectors[train_rows]))
-    for start, _, vectors in segment.chunks(rows=65536):
+        index.train(segment.rows(train_rows))
+    for start, _, vectors in segment.chunks():
         index.add(np.ascontiguousarray(vectors))
         if progress:
             progress(start + len(vectors), count)
@@ -271,7 +271,7 @@ def build(directory: Path, name: str, index_type: str, segment, *, target_recall
 
 def _exact_neighbours(segment, queries: np.ndarray, held: np.ndarray) -> np.ndarray:
     """Exact top-10 rows of each held-back vector, itself left out."""
-    _, rows = segment.search(queries, RECALL_K + 1)
+    _, rows = segment.search(queries, RECALL_K + 1, mapped=False)  # one pass: plain reads
     truth = np.full((len(rows), RECALL_K), -1, dtype=np.int64)
     for out, row, self_row in zip(truth, rows, held):
         kept = [r for r in row if r != self_row and r >= 0][:RECALL_K]

@@ -10,6 +10,7 @@ the next writer removes the half-made files.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -115,8 +116,7 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
         report.seconds = time.perf_counter() - started
         return report
     directory = store.directory
-    made: list = []
-    try:
+    with _making(store) as made:
         if merge:
             _check(store, segments, progress)
             info = _merge(store, segments, made, progress) if store.count else None
@@ -135,12 +135,6 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
                 progress=(lambda done, total: progress("building", done, total)) if progress else None)
             manifest_ann["segment"] = info.number
         _swap(store, made, segments if merge else [], info if merge else None, built=manifest_ann, search=chosen)
-    except KeyboardInterrupt:
-        _remove(made)
-        raise _interrupted(store, made) from None
-    except BaseException:
-        _remove(made)
-        raise
     report.recall_at_10 = (manifest_ann or {}).get("recall_at_10")
     report.target_recall = chosen["target_recall"]
     report.params = dict((manifest_ann or {}).get("params", {}))
@@ -163,19 +157,27 @@ def compact(store, *, progress: Stage | None = None) -> OptimizeReport:
     if len(recent) < 2:
         report.merged = False
         return report
-    made: list = []
-    try:
+    with _making(store) as made:
         _check(store, recent, progress)
         info = _merge(store, recent, made, progress) if report.vectors else None
         _swap(store, made, recent, info)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@contextlib.contextmanager
+def _making(store):
+    """The list of files a merge makes, removed again if it fails or is
+    interrupted before its commit; Ctrl-C becomes a one-line error."""
+    made: list = []
+    try:
+        yield made
     except KeyboardInterrupt:
         _remove(made)
         raise _interrupted(store, made) from None
     except BaseException:
         _remove(made)
         raise
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _swap(store, made: list, old, info, **changes) -> None:

@@ -182,13 +182,33 @@ class Segment:
                     got += read
                 yield start, ids[start:start + len(block)], block
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, positions) -> np.ndarray:
+        """The vectors at ``positions``, read one by one (a map would keep
+        the pages around them too: the kernel maps neighbouring pages on
+        each fault, so scattered reads would end up holding the file)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self.dim), np.float32)
+        row_bytes = 4 * self.dim
+        base = HEADER_BYTES + 8 * self.count
+        with open(self.path, "rb", buffering=0) as handle:
+            fd = handle.fileno()
+            for i in np.argsort(positions, kind="stable"):  # front to back
+                data = os.pread(fd, row_bytes, base + int(positions[i]) * row_bytes)
+                if len(data) != row_bytes:
+                    raise OSError(f"{self.path.name} ended early")
+                out[i] = np.frombuffer(data, dtype="<f4")
+        return out
+
+    def search(self, queries: np.ndarray, k: int, mapped: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner product over the live rows: scores and rows
-        ``(n, k)``, best first, padded with -inf and -1."""
+        ``(n, k)``, best first, padded with -inf and -1.  ``mapped``: through
+        the memory map (fastest when searched again and again; its pages
+        then count as this process's memory), else with plain reads."""
         n = len(queries)
         best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
         best_rows = np.full((n, 0), -1, dtype=np.int64)
-        for start, _, block in self.chunks():
+        pieces = ((start, None, self.vectors[start:start + _CHUNK_ROWS]) for start in range(0, self.count, _CHUNK_ROWS))
+        for start, _, block in (pieces if mapped else self.chunks()):
             scores = queries @ block.T
             dead = self.dead[start:start + len(block)]
             if dead.any():

@@ -51,6 +51,10 @@ FORMAT_VERSION = 2
 METADATA_FILE = "metadata.sqlite"
 MANIFEST_FILE = "manifest.json"
 METRIC = "inner_product"
+# Exact searches go through the memory map while the segments they cover
+# total at most this (then the map's pages are what the index type needs),
+# else through plain reads, so an unmerged index does not pin its files.
+MAP_SEARCH_BYTES = 512 << 20
 # Below this many bytes of vectors, opening an index checks every segment's
 # checksum too (a fraction of a second); above it, sizes and headers only,
 # and `verify` reads everything.
@@ -748,9 +752,7 @@ class Store:
             rows = segment.positions(ids)
             hit = rows >= 0
             if hit.any():
-                order = np.argsort(rows[hit])  # read the file front to back
-                targets = np.nonzero(hit)[0][order]
-                out[targets] = segment.vectors[rows[hit][order]]
+                out[hit] = segment.rows(rows[hit])
                 found |= hit
         if not found.all():
             raise KeyError(f"no vector for id {int(ids[~found][0])}")
@@ -791,13 +793,15 @@ class Store:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         scores = [np.full((len(queries), 0), -np.inf, np.float32)]
         ids = [np.full((len(queries), 0), -1, np.int64)]
+        approximate = self._view.ann is not None
+        exact_bytes = sum(s.info.bytes for s in self._view.segments[int(approximate):])
         for number, segment in enumerate(self._view.segments):
             if not segment.live:
                 continue
-            if number == 0 and self._view.ann is not None:
+            if number == 0 and approximate:
                 found, rows = self._view.ann.search(queries, k)
             else:
-                found, rows = segment.search(queries, k)
+                found, rows = segment.search(queries, k, mapped=exact_bytes <= MAP_SEARCH_BYTES)
             scores.append(found)
             ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
         best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
