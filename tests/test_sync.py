@@ -185,7 +185,7 @@ def test_updates_look_rows_up_instead_of_loading_the_index(tmp_path, monkeypatch
 
     index_dir = tmp_path / "ix"
     run("index", SAMPLE_DATA / "labelled", "--index", index_dir, "--encoder", "tiny-color")
-    for name in ("entries", "by_path", "by_sha256", "aliases", "all_vectors"):
+    for name in ("entries", "by_path", "aliases", "labelled_entries"):
         monkeypatch.setattr(Store, name, lambda *a, **k: pytest.fail("the whole index was loaded"))
     result = run("index", SAMPLE_DATA / "labelled", SAMPLE_DATA / "queries", "--index", index_dir,
                  "--encoder", "tiny-color")

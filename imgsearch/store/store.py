@@ -714,9 +714,6 @@ class Store:
     def by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self._entries()}
 
-    def by_sha256(self) -> dict[str, Entry]:
-        return {entry.sha256: entry for entry in self._entries()}
-
     def aliases(self) -> list[Alias]:
         rows = self._db.execute("SELECT path, image_id, size, mtime, label FROM aliases ORDER BY path")
         return [Alias(*row) for row in rows]
@@ -729,19 +726,6 @@ class Store:
             "SELECT label, count(*) FROM images WHERE label IS NOT NULL GROUP BY label ORDER BY label"
         )
         return dict(rows)
-
-    def labelled_ids(self) -> list[tuple[int, str]]:
-        return list(self._db.execute("SELECT id, label FROM images WHERE label IS NOT NULL ORDER BY id"))
-
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every live vector and its id, segment by segment (all in memory:
-        for small indexes and tests; large ones read :attr:`segments`)."""
-        ids, vectors = [np.empty(0, np.int64)], [np.empty((0, self.dim), np.float32)]
-        for segment in self._view.segments:
-            alive = ~segment.dead
-            ids.append(np.asarray(segment.ids)[alive])
-            vectors.append(np.asarray(segment.vectors)[alive])
-        return np.concatenate(ids), np.concatenate(vectors)
 
     def vectors(self, ids) -> np.ndarray:
         """The stored vectors of ``ids`` (as they are in the index)."""
