@@ -322,7 +322,8 @@ def encoders(ctx, fmt):
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
 @index_type_options
 @click.option("--no-optimize", is_flag=True,
-              help="Do not merge segments at the end even when a merge is due (run 'imgsearch optimize' later).")
+              help="Do not optimize at the end even when it is due (run 'imgsearch optimize' later); small "
+                   "segments are still merged among themselves as the run goes.")
 @click.option("--errors", "errors_csv", type=click.Path(dir_okay=False, writable=True),
               help="Write every skipped path and its reason to this CSV file.")
 @click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
@@ -366,12 +367,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         kind, reason = idx.optimize_due() or (None, None)
         if (index_type or target_recall or max_memory) and not idx.store.created_here:
             kind, reason = "optimize", "new search settings"
-        if kind == "compact" and not no_optimize:
-            click.echo(f"merging recent segments: {reason}", err=True)
-            merged = idx.compact(progress=_stage_bar())
-            click.echo(f"merged {merged.segments_before} segments into "
-                       f"{len(idx.store.segments)} in {merged.seconds:.1f} s")
-        elif kind == "optimize" and not no_optimize:
+        if kind == "optimize" and not no_optimize:
             click.echo(f"optimizing: {reason}", err=True)
             _echo_optimized(idx.optimize(index_type=index_type, target_recall=target_recall,
                                          max_memory=max_memory, progress=_stage_bar()))
@@ -439,7 +435,8 @@ def _echo_optimized(report) -> None:
     recall = "" if report.recall_at_10 is None else f", recall@10 {report.recall_at_10:.3f}"
     params = report.params or {}
     tuned = f" ({params['name']} {params['value']}, re-ranking {params['refine']}x)" if "name" in params else ""
-    click.echo(f"optimized: {report.vectors} vectors from {report.segments_before} segments, "
+    click.echo(f"optimized: {report.vectors} vectors from {report.segments_before} "
+               f"segment{'' if report.segments_before == 1 else 's'}, "
                f"{report.tombstones_dropped} removed vectors dropped; index type {report.index_type}"
                f"{tuned}{recall}; {report.seconds:.1f} s")
     if report.recall_at_10 is not None and report.recall_at_10 < report.target_recall:

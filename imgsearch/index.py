@@ -182,6 +182,14 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
     return encoder
 
 
+def _disk_bytes(directory: Path) -> int:
+    total = 0
+    for path in directory.iterdir():
+        with contextlib.suppress(OSError):  # a merge may remove files meanwhile
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
 class Index:
     """An open index plus the encoder that reads images for it."""
 
@@ -299,7 +307,7 @@ class Index:
             "recall_at_10": built.get("recall_at_10"),
             "search_params": built.get("params"),
             "target_recall": search.get("target_recall"),
-            "disk_bytes": sum(p.stat().st_size for p in self.store.directory.iterdir() if p.is_file()),
+            "disk_bytes": _disk_bytes(self.store.directory),
             "created": manifest["created"],
             "updated": manifest["updated"],
             "labels": self.store.labels(),
@@ -441,6 +449,7 @@ class Index:
             # worth keeping too.
             if sync.pending_vectors >= commit_every or len(sync) >= 4 * commit_every:
                 sync.commit()
+                self._compact_if_due(sync.lock)
 
         # Files are read and decoded ahead in worker threads while this thread
         # runs the encoder; every encoder call gets a full batch of pixels
@@ -469,6 +478,17 @@ class Index:
                         progress(done, len(files))
             settle()
             sync.commit()
+            self._compact_if_due(sync.lock)
+
+    def _compact_if_due(self, lock) -> None:
+        """Merge small recent segments among themselves between commits, so
+        a long run leaves a few dozen files, not one per commit.  Under the
+        sync lock: the reading threads look rows up on the same connection."""
+        from .store import compact, compaction_due
+
+        with lock:
+            while compaction_due(self.store):  # a merge may fill the next tier
+                compact(self.store)
 
     def remove(self, paths) -> RemoveReport:
         """Forget the given files, and every file under the given folders
@@ -574,8 +594,9 @@ class Index:
     def labelled_vectors(self) -> tuple[list[Entry], np.ndarray]:
         """The labelled entries and their stored vectors, in id order (the
         unlabelled ones are never read)."""
-        entries = self.store.labelled_entries()
-        return entries, self.store.vectors([e.id for e in entries])
+        with self.store.reading():  # rows and vectors of one commit
+            entries = self.store.labelled_entries()
+            return entries, self.store.vectors([e.id for e in entries])
 
     def optimize(self, *, index_type: str | None = None, target_recall: float | None = None,
                  max_memory: int | None = None, force: bool = False, progress=None):

@@ -112,7 +112,7 @@ def test_optimize_and_info_through_the_cli(index_dir):
     query = SAMPLE_DATA / "queries" / "tench.jpg"
     exact = run("query", query, "--index", index_dir, "--format", "json").stdout
     out = run("optimize", "--index", index_dir, "--index-type", "ivf-sq8", "--target-recall", "0.99").stdout
-    assert out.startswith("optimized: 50 vectors from 1 segments") and "index type ivf-sq8" in out
+    assert out.startswith("optimized: 50 vectors from 1 segment, 0 removed") and "index type ivf-sq8" in out
     facts = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
     assert facts["index_type"] == "ivf-sq8" and facts["recall_at_10"] >= 0.99 and facts["segments"] == 1
     assert facts["search_params"]["name"] == "nprobe" and facts["memory_bytes"] > 0
@@ -126,21 +126,18 @@ def test_optimize_and_info_through_the_cli(index_dir):
     assert "not a size" in err
 
 
-def test_index_merges_by_itself_when_many_segments_pile_up(tmp_path):
+def test_index_merges_small_segments_as_it_goes(tmp_path):
+    from imgsearch.store import merge
+
     index_dir = tmp_path / "ix"
-    result = run("index", SAMPLE_DATA / "labelled", "--index", index_dir, "--encoder", "tiny-color",
-                 "--commit-every", "1", "--batch-size", "1")
-    assert "merging recent segments: 50 segments" in result.stderr
-    assert "merged 50 segments into 1" in result.stdout
-    with Store.open(index_dir) as store:
-        assert len(store.segments) == 1 and store.count == 50
-        assert store.manifest["ann"] is None  # 50 images: nothing to build yet
-    kept = tmp_path / "kept"
-    result = run("index", SAMPLE_DATA / "labelled", "--index", kept, "--encoder", "tiny-color",
-                 "--commit-every", "1", "--batch-size", "1", "--no-optimize")
-    assert "optimizing" not in result.stderr
-    with Store.open(kept) as store:
-        assert len(store.segments) == 50
+    for extra in ([], ["--no-optimize"]):  # small segments are merged either way
+        shutil.rmtree(index_dir, ignore_errors=True)
+        result = run("index", SAMPLE_DATA / "labelled", "--index", index_dir, "--encoder", "tiny-color",
+                     "--commit-every", "1", "--batch-size", "1", *extra)
+        assert "optimizing" not in result.stderr  # 50 images: nothing to build
+        with Store.open(index_dir) as store:
+            assert store.count == 50 and len(store.segments) < merge.TIER_FACTOR
+            assert store.manifest["ann"] is None and store.verify() == ([], [])
 
 
 def test_a_format_1_index_converts_and_keeps_everything(tmp_path):

@@ -155,10 +155,10 @@ def test_compact_merges_recent_segments_and_leaves_the_merged_part(tmp_path):
     merged = store.segments[0].path
     before = merged.read_bytes()
     # Small commits that replace and remove among their own images.
-    reference.vectors.update(_churn(store, rng, commits=merge.MAX_SEGMENTS + 1, per_commit=3).vectors)
+    reference.vectors.update(_churn(store, rng, commits=merge.TIER_FACTOR + 2, per_commit=3).vectors)
     live = {e.id for e in store.entries()}
     assert live == set(reference.vectors)
-    assert due(store) == ("compact", f"{merge.MAX_SEGMENTS + 2} segments")
+    assert due(store) == ("compact", f"{merge.TIER_FACTOR + 2} segments of under 8,000 vectors")
     report = compact(store)
     assert report.merged and len(store.segments) == 2 and store.segments[0].path == merged
     assert merged.read_bytes() == before and store.manifest["ann"]["type"] == "ivf-sq8"
@@ -166,3 +166,46 @@ def test_compact_merges_recent_segments_and_leaves_the_merged_part(tmp_path):
     ids = sorted(live)
     np.testing.assert_allclose(store.vectors(ids), np.stack([reference.vectors[i] for i in ids]), rtol=1e-6)
     assert store.verify(check_files=False) == ([], [])
+
+
+def test_small_segments_merge_by_tiers_and_a_full_merge_comes_due(tmp_path, monkeypatch):
+    from imgsearch.store import compact, compaction_due, due
+    from imgsearch.store import merge
+
+    # Tiers of 10, 40, 160 ... vectors with 4 segments a tier, to keep it small.
+    monkeypatch.setattr(merge, "TIER_BASE", 10)
+    monkeypatch.setattr(merge, "TIER_FACTOR", 4)
+    monkeypatch.setattr(merge, "MERGE_MIN_VECTORS", 300)
+    rng = np.random.default_rng(6)
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    counts = []
+    for _ in range(40):
+        added = [_entry(store.next_id + i) for i in range(10)]
+        store.commit(Changes(added=added, vectors=list(l2_normalize(rng.standard_normal((10, DIM))))))
+        while compaction_due(store):
+            compact(store)
+        counts.append(sorted(s.count for s in store.segments))
+    # Never 4 segments of one tier, so at most 3 a tier: 40 commits of 10
+    # leave 2 x 160 and 2 x 40 (each vector rewritten twice, not 40 times).
+    assert all(len(c) <= 3 * 3 for c in counts)
+    assert counts[-1] == [40, 40, 160, 160]
+    assert due(store) == ("optimize", "400 vectors not merged")
+    optimize(store)
+    assert len(store.segments) == 1 and due(store) is None
+
+
+def test_a_reader_keeps_its_state_while_a_merge_removes_its_files(tmp_path):
+    rng = np.random.default_rng(7)
+    store = Store.create(tmp_path / "ix", encoder={"name": "test"}, dim=DIM)
+    reference = _churn(store, rng, commits=4)
+    reader = Store.open(tmp_path / "ix")
+    old_files = [s.path for s in reader.segments]
+    optimize(store, index_type="flat")
+    assert not any(path.exists() for path in old_files)
+    queries = l2_normalize(rng.standard_normal((5, DIM)))
+    expected, _ = reference.search(queries, 10)
+    _, ids = reader.nearest(queries, 10)  # the state it loaded, read from the files it holds open
+    assert ids.tolist() == expected.tolist()
+    hits = reader.search(queries, 10)  # a search first catches up with the merge
+    assert len(reader.segments) == 1 and [[h.entry.id for h in row] for row in hits] == expected.tolist()
+    reader.close()

@@ -106,6 +106,11 @@ def memory_needed(index_type: str, count: int, dim: int) -> int:
     raise ValueError(index_type)
 
 
+# Below these many vectors a type cannot be trained (product quantizers
+# learn 256 centroids per part; HNSW and IVF need a few per list).
+MIN_VECTORS = {"flat": 0, "hnsw": 2, "ivf-sq8": 2, "ivf-pq": 256}
+
+
 def choose(count: int, dim: int, max_memory: int) -> str:
     if count < FLAT_BELOW:
         return "flat"
@@ -195,6 +200,8 @@ class AnnIndex:
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError:
+            if not path.exists():  # a merge replaced it just now: the caller retries
+                raise FileNotFoundError(2, "no such file", str(path)) from None
             raise BadIndexError(f"index {directory} is damaged: cannot read {built['file']}") from None
         if index.ntotal != segment.count or index.d != segment.dim:
             raise BadIndexError(f"index {directory} is damaged: {built['file']} does not fit its segment")
@@ -236,14 +243,20 @@ def build(directory: Path, name: str, index_type: str, segment, *, target_recall
     queries = segment.rows(held)
     truth = _exact_neighbours(segment, queries, held)
     index = _factory(index_type, count, dim)
-    if not index.is_trained:
-        train_rows = np.sort(rng.choice(count, size=min(count, _MAX_TRAIN, max(
-            _TRAIN_PER_LIST * getattr(index, "nlist", 256), 256 * 40)), replace=False))
-        index.train(segment.rows(train_rows))
-    for start, _, vectors in segment.chunks():
-        index.add(np.ascontiguousarray(vectors))
-        if progress:
-            progress(start + len(vectors), count)
+    try:
+        if not index.is_trained:
+            train_rows = np.sort(rng.choice(count, size=min(count, _MAX_TRAIN, max(
+                _TRAIN_PER_LIST * getattr(index, "nlist", 256), 256 * 40)), replace=False))
+            index.train(segment.rows(train_rows))
+        for start, _, vectors in segment.chunks():
+            index.add(np.ascontiguousarray(vectors))
+            if progress:
+                progress(start + len(vectors), count)
+    except RuntimeError as exc:  # FAISS's own refusals, as one line
+        from ..errors import ImgsearchError
+
+        raise ImgsearchError(f"cannot build a {index_type} index over {count} vectors "
+                             f"({str(exc).strip().splitlines()[-1]})") from None
     refine = REFINE[index_type]
     built = {"type": index_type, "target_recall": target_recall, "vectors": count,
              "params": {"refine": refine}, "memory": memory_needed(index_type, count, dim)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadIndexError
-from .files import write_atomic
+from .files import deferred_signals, write_atomic
 from .segments import write_segment
 
 
@@ -39,30 +39,51 @@ def convert_if_old(directory: Path, db: sqlite3.Connection) -> bool:
                search={"type": "auto", "target_recall": 0.95, "max_memory": None},
                generation=int(manifest.get("generation", 0)) + 1,
                revision=int(manifest.get("revision", 0)) + 1, updated=current.now())
-    try:
-        db.execute("BEGIN")  # DDL too: sqlite3 would otherwise run it outside the transaction
-        db.execute("ALTER TABLE images ADD COLUMN segment INTEGER NOT NULL DEFAULT 0")
-        for statement in current._SEGMENT_SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        if info is not None:
-            db.execute("INSERT INTO segments (number, file, count, bytes, sha256, created) VALUES (?, ?, ?, ?, ?, ?)",
-                       (info.number, info.file, info.count, info.bytes, info.sha256, current.now()))
-            db.execute("UPDATE images SET segment = 1")
-        db.execute("UPDATE state SET value = ? WHERE key = 'manifest'", (json.dumps(new),))
-        db.execute("INSERT INTO state (key, value) VALUES ('next_segment', '2')")
-        db.commit()
-    except BaseException as exc:
-        db.rollback()
-        if info is not None:
-            (directory / info.file).unlink(missing_ok=True)
-        if isinstance(exc, sqlite3.DatabaseError):
-            raise BadIndexError(f"cannot convert index {directory} to format 2 ({exc}); it is unchanged") from None
-        raise
+    # A signal is held until the commit and what follows agree: were Ctrl-C
+    # raised just after the commit, the handler below would remove segment 1.
+    with deferred_signals():
+        try:
+            _convert_rows(db, info, new)
+        except BaseException as exc:
+            db.rollback()
+            if info is not None:
+                (directory / info.file).unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise BadIndexError(f"cannot convert index {directory} to format 2 ({exc}); "
+                                    "it is unchanged") from None
+            raise
     write_atomic(directory / current.MANIFEST_FILE, current._manifest_bytes(new))
     if manifest.get("vectors_file"):
         (directory / manifest["vectors_file"]).unlink(missing_ok=True)
     return True
+
+
+def _convert_rows(db: sqlite3.Connection, info, manifest: dict) -> None:
+    """One transaction: the images table rebuilt in the format 2 layout (a
+    segment column; no index on the content hash, see store.py), the new
+    tables, the segment and the manifest."""
+    from . import store as current
+
+    db.execute("BEGIN")  # DDL too: sqlite3 would otherwise run it outside the transaction
+    columns = "id, path, sha256, size, mtime, label, width, height"
+    statements = [part for part in (current._SCHEMA + current._SEGMENT_SCHEMA).split(";") if part.strip()]
+    images = next(st for st in statements if "CREATE TABLE images (" in st)
+    db.execute(images.replace("CREATE TABLE images (", "CREATE TABLE images_new ("))
+    db.execute(f"INSERT INTO images_new ({columns}, segment) SELECT {columns}, ? FROM images",
+               (info.number if info is not None else 0,))
+    # Dropped, then the new one renamed: the aliases' reference to `images`
+    # keeps naming the right table.
+    db.execute("DROP TABLE images")
+    db.execute("ALTER TABLE images_new RENAME TO images")
+    for statement in statements:
+        if any(f"CREATE {kind}" in statement for kind in ("TABLE segments", "TABLE tombstones", "INDEX images_segment")):
+            db.execute(statement)
+    if info is not None:
+        db.execute("INSERT INTO segments (number, file, count, bytes, sha256, created) VALUES (?, ?, ?, ?, ?, ?)",
+                   (info.number, info.file, info.count, info.bytes, info.sha256, current.now()))
+    db.execute("UPDATE state SET value = ? WHERE key = 'manifest'", (json.dumps(manifest),))
+    db.execute("INSERT INTO state (key, value) VALUES ('next_segment', '2')")
+    db.commit()
 
 
 def _read_v1_vectors(directory: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ the next writer removes the half-made files.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,10 +23,17 @@ from . import ann
 from .files import deferred_signals, write_error
 from .segments import Segment, SegmentWriter, segment_name
 
-# An automatic merge is due past any of these.
-MAX_SEGMENTS = 32
+# A full merge (optimize) is due past either of these: vectors outside the
+# merged part, or removed ones still stored.
 MERGE_MIN_VECTORS = 20_000
 MERGE_FRACTION = 0.25
+# Recent segments are merged among themselves by size tiers, as in an LSM
+# tree: TIER_FACTOR segments of one tier (about TIER_BASE * TIER_FACTOR**t
+# vectors each) become one of the next, so each vector is rewritten about
+# log_8(n / 1000) times and a million vectors stay in a few dozen files.
+TIER_FACTOR = 8
+TIER_BASE = 1000
+MAX_SEGMENTS = 64
 
 Stage = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -85,9 +93,41 @@ def due(store) -> tuple[str, str] | None:
     stored = sum(s.count for s in segments)
     if store.tombstones > MERGE_FRACTION * stored and store.tombstones >= 1000:
         return "optimize", f"{store.tombstones} removed or replaced vectors still stored"
-    if len(segments) > MAX_SEGMENTS:
-        return "compact", f"{len(segments)} segments"
+    reason = compaction_due(store)
+    return ("compact", reason) if reason else None
+
+
+def compaction_due(store) -> str | None:
+    """Why recent segments should be merged among themselves now, or None
+    (whether or not a full merge is due too)."""
+    group = _compactable(store)
+    if group:
+        return f"{len(group)} segments of under {_tier_top(_tier(group[0])):,} vectors"
     return None
+
+
+def _tier(segment) -> int:
+    live = max(segment.live, 1)
+    return int(math.floor(math.log(live / TIER_BASE, TIER_FACTOR))) if live >= TIER_BASE else 0
+
+
+def _tier_top(tier: int) -> int:
+    return TIER_BASE * TIER_FACTOR ** (tier + 1)
+
+
+def _compactable(store) -> list:
+    """The recent segments to merge now: the lowest tier holding
+    TIER_FACTOR of them, or the smallest half when there are too many."""
+    recent = store.segments[1 if store.manifest.get("ann") else 0:]
+    tiers: dict[int, list] = {}
+    for segment in recent:
+        tiers.setdefault(_tier(segment), []).append(segment)
+    for tier in sorted(tiers):
+        if len(tiers[tier]) >= TIER_FACTOR:
+            return tiers[tier]
+    if len(recent) > MAX_SEGMENTS:
+        return sorted(recent, key=lambda s: s.live)[:len(recent) // 2]
+    return []
 
 
 def optimize(store, *, index_type: str | None = None, target_recall: float | None = None,
@@ -101,6 +141,9 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
     started = time.perf_counter()
     chosen = settings(store, index_type, target_recall, max_memory)
     kind = resolved_type(store, chosen)
+    if 0 < store.count < ann.MIN_VECTORS[kind]:
+        raise UsageError(f"--index-type {kind} needs at least {ann.MIN_VECTORS[kind]} images; "
+                         f"index {store.directory} holds {store.count} (flat searches them exactly)")
     segments = store.segments
     built = store.manifest.get("ann") or {}
     report = OptimizeReport(kind, store.count, len(segments), store.tombstones)
@@ -121,6 +164,7 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
             _check(store, segments, progress)
             info = _merge(store, segments, made, progress) if store.count else None
         else:
+            _check(store, segments, progress)  # nothing is built from damaged vectors either
             info = segments[0].info
         manifest_ann = None
         if info is not None:
@@ -144,14 +188,14 @@ def optimize(store, *, index_type: str | None = None, target_recall: float | Non
 
 
 def compact(store, *, progress: Stage | None = None) -> OptimizeReport:
-    """Merge the segments outside the merged part among themselves (they
-    stay searched exactly): cheap, since the merged part is not touched."""
+    """Merge recent segments of one size tier among themselves (they stay
+    searched exactly): cheap, since larger segments and the merged part are
+    not touched.  ``imgsearch index`` does this between commits."""
     if not store.writable:
         raise UsageError("index opened for reading; open it writable to merge it")
     started = time.perf_counter()
     segments = store.segments
-    settled = 1 if store.manifest.get("ann") else 0
-    recent = segments[settled:]
+    recent = _compactable(store)
     report = OptimizeReport((store.manifest.get("ann") or {}).get("type", "none"), sum(s.live for s in recent),
                             len(segments), sum(int(s.dead.sum()) for s in recent), rebuilt=False)
     if len(recent) < 2:

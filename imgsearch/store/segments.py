@@ -15,6 +15,7 @@ the metadata beside its size; opening checks the size and header (cheap),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -112,27 +113,53 @@ def write_segment(directory: Path, number: int, ids: np.ndarray, vectors: np.nda
 
 
 class Segment:
-    """An open segment: its ids and vectors memory-mapped, read on demand."""
+    """An open segment: its ids in memory (8 bytes a vector), its vectors
+    read on demand through one descriptor held while it is open, so a
+    merge that removes the file cannot pull it from under a reader."""
 
     def __init__(self, directory: Path, info: SegmentInfo, dim: int):
         self.info, self.dim = info, dim
         self.path = directory / info.file
-        size = os.stat(self.path).st_size  # FileNotFoundError: the caller may retry
-        expected = file_bytes(info.count, dim)
-        if size != expected or info.bytes != expected:
-            raise BadIndexError(
-                f"index {directory} is damaged: {info.file} has {size} bytes, "
-                f"{expected} expected for {info.count} vectors of dimension {dim}"
-            )
-        with open(self.path, "rb") as handle:
-            magic, file_dim, _, count = _HEADER.unpack(handle.read(_HEADER.size))
-        if magic != MAGIC or file_dim != dim or count != info.count:
-            raise BadIndexError(f"index {directory} is damaged: {info.file} has a wrong header")
-        self.ids = np.memmap(self.path, dtype="<i8", mode="r", offset=HEADER_BYTES, shape=(count,))
-        self.vectors = np.memmap(self.path, dtype="<f4", mode="r", offset=HEADER_BYTES + 8 * count,
-                                 shape=(count, dim))
+        self._fd = os.open(self.path, os.O_RDONLY)  # FileNotFoundError: the caller may retry
+        try:
+            size = os.fstat(self._fd).st_size
+            expected = file_bytes(info.count, dim)
+            if size != expected or info.bytes != expected:
+                raise BadIndexError(
+                    f"index {directory} is damaged: {info.file} has {size} bytes, "
+                    f"{expected} expected for {info.count} vectors of dimension {dim}"
+                )
+            magic, file_dim, _, count = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
+            if magic != MAGIC or file_dim != dim or count != info.count:
+                raise BadIndexError(f"index {directory} is damaged: {info.file} has a wrong header")
+            self.ids = np.empty(count, dtype="<i8")
+            self._read_into(self.ids, HEADER_BYTES)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._base = HEADER_BYTES + 8 * count  # where the vectors start
+        self._map: np.ndarray | None = None
         self.dead = np.zeros(count, dtype=bool)  # tombstoned rows, set by the store
         self._order: np.ndarray | None = None
+
+    def close(self) -> None:
+        self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _read_into(self, array: np.ndarray, offset: int) -> None:
+        view = memoryview(array).cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if not got:
+                raise OSError(f"{self.path.name} ended early")
+            done += got
 
     @property
     def count(self) -> int:
@@ -143,9 +170,14 @@ class Segment:
         return self.info.count - int(self.dead.sum())
 
     def checksum_ok(self) -> bool:
-        from ..hashing import sha256_file
-
-        return sha256_file(self.path) == self.info.sha256
+        """Whether the open file matches the checksum recorded for it."""
+        digest = hashlib.sha256()
+        buffer = bytearray(1 << 22)
+        offset = 0
+        while got := os.preadv(self._fd, [buffer], offset):
+            digest.update(memoryview(buffer)[:got])
+            offset += got
+        return digest.hexdigest() == self.info.sha256
 
     def positions(self, ids) -> np.ndarray:
         """Row of each id in this segment (-1 where absent), live rows only."""
@@ -160,28 +192,6 @@ class Segment:
         rows[rows >= 0] = np.where(self.dead[rows[rows >= 0]], -1, rows[rows >= 0])
         return rows
 
-    def chunks(self, rows: int = _CHUNK_ROWS):
-        """(start, ids, vectors) pieces in file order, for reading it all.
-
-        Read with plain reads into one reused buffer rather than through the
-        memory map: pages touched through a map count as the process's own
-        memory until it is unmapped, so a pass over a large index would look
-        (and, under pressure, act) as if it held the whole file."""
-        ids = np.asarray(self.ids)
-        buffer = np.empty((min(rows, self.count), self.dim), np.float32)
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(HEADER_BYTES + 8 * self.count)
-            for start in range(0, self.count, rows):
-                block = buffer[:min(rows, self.count - start)]
-                view = memoryview(block).cast("B")
-                got = 0
-                while got < len(view):
-                    read = handle.readinto(view[got:])
-                    if not read:
-                        raise OSError(f"{self.path.name} ended early")
-                    got += read
-                yield start, ids[start:start + len(block)], block
-
     def rows(self, positions) -> np.ndarray:
         """The vectors at ``positions``, read one by one (a map would keep
         the pages around them too: the kernel maps neighbouring pages on
@@ -189,15 +199,31 @@ class Segment:
         positions = np.asarray(positions, dtype=np.int64)
         out = np.empty((len(positions), self.dim), np.float32)
         row_bytes = 4 * self.dim
-        base = HEADER_BYTES + 8 * self.count
-        with open(self.path, "rb", buffering=0) as handle:
-            fd = handle.fileno()
-            for i in np.argsort(positions, kind="stable"):  # front to back
-                data = os.pread(fd, row_bytes, base + int(positions[i]) * row_bytes)
-                if len(data) != row_bytes:
-                    raise OSError(f"{self.path.name} ended early")
-                out[i] = np.frombuffer(data, dtype="<f4")
+        for i in np.argsort(positions, kind="stable"):  # front to back
+            self._read_into(out[i], self._base + int(positions[i]) * row_bytes)
         return out
+
+    def chunks(self, rows: int = _CHUNK_ROWS):
+        """(start, ids, vectors) pieces in file order, for reading it all.
+
+        Read with plain reads into one reused buffer rather than through a
+        memory map: pages touched through a map count as the process's own
+        memory until it is unmapped, so a pass over a large index would look
+        (and, under pressure, act) as if it held the whole file."""
+        buffer = np.empty((min(rows, self.count), self.dim), np.float32)
+        for start in range(0, self.count, rows):
+            block = buffer[:min(rows, self.count - start)]
+            self._read_into(block, self._base + start * 4 * self.dim)
+            yield start, self.ids[start:start + len(block)], block
+
+    def mapped(self) -> np.ndarray:
+        """The vectors through a read-only memory map of the open file."""
+        if self._map is None:
+            import mmap
+
+            whole = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            self._map = np.ndarray((self.count, self.dim), dtype="<f4", buffer=whole, offset=self._base)
+        return self._map
 
     def search(self, queries: np.ndarray, k: int, mapped: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner product over the live rows: scores and rows
@@ -207,8 +233,12 @@ class Segment:
         n = len(queries)
         best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
         best_rows = np.full((n, 0), -1, dtype=np.int64)
-        pieces = ((start, None, self.vectors[start:start + _CHUNK_ROWS]) for start in range(0, self.count, _CHUNK_ROWS))
-        for start, _, block in (pieces if mapped else self.chunks()):
+        if mapped:
+            vectors = self.mapped()
+            pieces = ((start, None, vectors[start:start + _CHUNK_ROWS]) for start in range(0, self.count, _CHUNK_ROWS))
+        else:
+            pieces = self.chunks()
+        for start, _, block in pieces:
             scores = queries @ block.T
             dead = self.dead[start:start + len(block)]
             if dead.any():

@@ -87,8 +87,10 @@ CREATE TABLE aliases (
 CREATE INDEX aliases_image ON aliases (image_id);
 CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Added by format 2 (and by the conversion of a format 1 index).
+# Added by format 2 (and by the conversion of a format 1 index).  New rows
+# name the newest segment, so the index on it grows at its end.
 _SEGMENT_SCHEMA = """
+CREATE INDEX images_segment ON images (segment);
 CREATE TABLE segments (
     number INTEGER PRIMARY KEY,
     file TEXT NOT NULL,
@@ -197,6 +199,20 @@ def _chunks(items, size: int = _BATCH):
         yield items[start:start + size]
 
 
+def _allow_files(needed: int) -> None:
+    """Raise this process's soft limit of open files when an index holds
+    many segments (one descriptor each), as far as the hard limit allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            top = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, top), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # then too many segments give a one-line error from the open
+
+
 class _ShaIndex:
     """Content hash to id, for the one process that writes: Python's hash of
     each sha256 (8 bytes) beside its id, sorted, loaded on first use (16
@@ -236,6 +252,10 @@ class _View:
     @property
     def live(self) -> int:
         return sum(s.live for s in self.segments)
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
 
 
 class Store:
@@ -395,6 +415,8 @@ class Store:
         return self
 
     def close(self) -> None:
+        if getattr(self, "_view", None) is not None:
+            self._view.close()
         self._db.close()
         if self._lock_handle is not None:
             self._lock_handle.close()
@@ -439,7 +461,7 @@ class Store:
             except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as exc:
                 raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
             try:
-                self._view = self._open_view(infos, tombstones)
+                view = self._open_view(infos, tombstones)
             except FileNotFoundError as exc:
                 # A writer committed (a merge) and removed files of the state
                 # we were about to read; the next read sees the new one.
@@ -447,9 +469,13 @@ class Store:
                 if attempt == attempts - 1:
                     raise self._damaged(f"its file {Path(exc.filename or str(exc)).name} is missing") from None
                 continue
-            if self._view.live != rows or int(self.manifest.get("count", -1)) != rows:
-                raise self._damaged(f"{self._view.live} vectors but {rows} metadata rows "
+            if view.live != rows or int(self.manifest.get("count", -1)) != rows:
+                view.close()
+                raise self._damaged(f"{view.live} vectors but {rows} metadata rows "
                                     f"(manifest count {self.manifest.get('count')})")
+            if getattr(self, "_view", None) is not None:
+                self._view.close()
+            self._view = view
             return
 
     def _version_message(self, version) -> str:
@@ -460,7 +486,24 @@ class Store:
                 f"this imgsearch reads version {FORMAT_VERSION}")
 
     def _open_view(self, infos: list[SegmentInfo], tombstones: dict[int, list[int]]) -> _View:
-        segments = [Segment(self.directory, info, self.dim) for info in infos]
+        _allow_files(2 * len(infos) + 256)
+        segments: list[Segment] = []
+        try:
+            for info in infos:
+                try:
+                    segments.append(Segment(self.directory, info, self.dim))
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:  # too many open files, permissions
+                    raise BadIndexError(f"cannot open {info.file} of index {self.directory} "
+                                        f"({exc.strerror or exc})") from None
+            return self._checked_view(segments, tombstones)
+        except BaseException:
+            for segment in segments:
+                segment.close()
+            raise
+
+    def _checked_view(self, segments: list[Segment], tombstones: dict[int, list[int]]) -> _View:
         if sum(s.info.bytes for s in segments) <= FULL_CHECK_ON_OPEN_BYTES:
             for segment in segments:
                 key = (segment.info.file, segment.info.sha256)
@@ -742,6 +785,38 @@ class Store:
             raise KeyError(f"no vector for id {int(ids[~found][0])}")
         return out
 
+    @contextlib.contextmanager
+    def reading(self):
+        """A read transaction in which the loaded vectors and the metadata
+        rows belong to the same commit: when a writer committed new vectors
+        since they were loaded, they are loaded again first.  The rows read
+        inside agree with :meth:`nearest` and :meth:`vectors`."""
+        if self.writable:  # nobody else writes
+            yield
+            return
+        for _ in range(20):
+            self._db.execute("BEGIN")
+            try:
+                # The first read takes SQLite's shared lock, held to the end
+                # of the transaction: no commit can land in between.
+                current = json.loads(self._db.execute(
+                    "SELECT value FROM state WHERE key = 'manifest'").fetchone()[0])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            if current.get("generation") == self.manifest.get("generation"):
+                self.manifest = current  # metadata-only commits (labels, moves)
+                break
+            self._db.execute("ROLLBACK")
+            self._load_state()
+        else:
+            raise BadIndexError(f"index {self.directory} changed too fast to read; try again")
+        try:
+            yield
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """The ``k`` nearest entries of each row of ``queries`` (normalised),
         best first.  Fewer when the index holds fewer than ``k``.
@@ -750,22 +825,8 @@ class Store:
         committed new vectors since this store was opened, they are reloaded.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if not self.writable:
-            self._db.execute("BEGIN")  # the rows read below belong to one commit
-        try:
-            if not self.writable:
-                current = json.loads(self._db.execute(
-                    "SELECT value FROM state WHERE key = 'manifest'").fetchone()[0])
-                if current.get("generation") != self.manifest.get("generation"):
-                    self._db.execute("COMMIT")
-                    self._load_state()
-                    self._db.execute("BEGIN")
-                else:
-                    self.manifest = current  # metadata-only commits (labels, moves)
+        with self.reading():
             return self._search_rows(queries, k)
-        finally:
-            if not self.writable:
-                self._db.execute("COMMIT")
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw answer: scores and ids ``(n, min(k, count))`` of the vectors
