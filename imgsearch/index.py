@@ -629,7 +629,9 @@ class Index:
     def state_fingerprint(self) -> str:
         """Names this exact index state: what a trained classifier was fit on."""
         manifest = self.store.manifest
-        return (f"{manifest['created']}/r{manifest.get('revision', 0)}/"
+        # Merges (optimize) change neither images nor vectors: not counted.
+        revision = manifest.get("content_revision", manifest.get("revision", 0))
+        return (f"{manifest['created']}/r{revision}/"
                 f"{manifest['encoder']['name']}/{manifest['encoder'].get('weights_fingerprint')}")
 
     def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0):

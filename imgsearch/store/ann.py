@@ -212,14 +212,59 @@ class AnnIndex:
 
         return sha256_file(self.segment.path.with_name(self.file)) == self.built.get("sha256")
 
-    def search(self, queries: np.ndarray, k: int, value: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and rows ``(n, k)`` of the segment, best first, exact scores."""
-        value = value or self.built["params"]["value"]
-        wanted = min(self.segment.count, k * self.built["params"]["refine"])
+    def search(self, queries: np.ndarray, k: int, value: int | None = None,
+               widen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows ``(n, k)`` of the segment, best first, exact scores.
+
+        Removed vectors are skipped inside FAISS, so the lists next to a
+        query may hold fewer live candidates than when the search was tuned:
+        an IVF search then probes lists, nearest first, until it scans as
+        many live vectors as the tuned probes scan in a whole index; HNSW
+        widens its beam by the share removed.  Either doubles its reach
+        while some query is still short of ``k`` results (``widen``; tuning
+        turns it off to measure the parameter itself)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         dead = self.segment.dead
-        params, _selector = _params(self.type, value, dead)
-        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, params=params)
-        return _refine(self.segment, queries, rows, k)
+        live = self.segment.live
+        value = value or self.built["params"]["value"]
+        wanted = min(live, k * self.built["params"]["refine"])
+        if wanted <= 0:
+            return _refine(self.segment, queries, np.full((len(queries), 0), -1, np.int64), k)
+        most = getattr(self.index, "nlist", None) or max(self.segment.count, value)
+        if live < self.segment.count:
+            value = self._reach(queries, value)
+        while True:
+            params, _selector = _params(self.type, min(value, most), dead)
+            _, rows = self.index.search(queries, wanted, params=params)
+            if not widen or value >= most or (rows >= 0).sum(axis=1).min() >= min(k, live):
+                return _refine(self.segment, queries, rows, k)
+            value *= 2
+
+    def _reach(self, queries: np.ndarray, value: int) -> int:
+        """The probes (or beam) that make up for the removed vectors."""
+        if self.type == "hnsw":
+            return int(math.ceil(value * self.segment.count / max(self.segment.live, 1)))
+        nlist = self.index.nlist
+        removed = int(self.segment.dead.sum())
+        if getattr(self, "_live_lists", (None, -1))[1] != removed:
+            import faiss
+
+            lists = self.index.invlists
+            counts = np.zeros(nlist, np.int64)
+            for number in range(nlist):
+                size = lists.list_size(number)
+                if size:
+                    ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
+                    counts[number] = size - int(self.segment.dead[ids].sum())
+            self._live_lists = (counts, removed)
+        counts = self._live_lists[0]
+        # What the tuned probes scan, on average, with nothing removed.
+        target = value * self.segment.count / nlist
+        _, order = self.index.quantizer.search(queries, nlist)
+        scanned = np.cumsum(counts[order], axis=1)
+        needed = np.minimum(np.argmax(scanned >= target, axis=1) + 1, nlist)
+        needed[scanned[:, -1] < target] = nlist
+        return int(max(value, needed.max()))
 
     @property
     def memory(self) -> int:
@@ -293,7 +338,7 @@ def _exact_neighbours(segment, queries: np.ndarray, held: np.ndarray) -> np.ndar
 
 
 def _recall(index: AnnIndex, queries: np.ndarray, held: np.ndarray, truth: np.ndarray) -> float:
-    _, rows = index.search(queries, RECALL_K + 1)
+    _, rows = index.search(queries, RECALL_K + 1, widen=False)
     found = 0
     for row, self_row, expected in zip(rows, held, truth):
         got = [r for r in row if r != self_row and r >= 0][:RECALL_K]

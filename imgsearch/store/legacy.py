@@ -38,7 +38,8 @@ def convert_if_old(directory: Path, db: sqlite3.Connection) -> bool:
     new.update(format_version=current.FORMAT_VERSION, segments=int(info is not None), ann=None,
                search={"type": "auto", "target_recall": 0.95, "max_memory": None},
                generation=int(manifest.get("generation", 0)) + 1,
-               revision=int(manifest.get("revision", 0)) + 1, updated=current.now())
+               revision=int(manifest.get("revision", 0)) + 1,
+               content_revision=int(manifest.get("revision", 0)) + 1, updated=current.now())
     # A signal is held until the commit and what follows agree: were Ctrl-C
     # raised just after the commit, the handler below would remove segment 1.
     with deferred_signals():

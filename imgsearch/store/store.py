@@ -353,6 +353,7 @@ class Store:
             "count": 0,
             "generation": 0,
             "revision": 0,
+            "content_revision": 0,
             "segments": 0,
             "search": search,
             "ann": None,
@@ -918,10 +919,13 @@ class Store:
         count = self.count + len(entries) - len(tombstones)
         segments = len(self._view.segments) + (info is not None)
         # The revision counts every commit, metadata-only ones too (a label
-        # change keeps the generation): it names an index state exactly.
+        # change keeps the generation), and merges; the content revision
+        # counts only what changes images, labels or vectors (what a trained
+        # classifier depends on), so optimize does not invalidate one.
         manifest = dict(self.manifest, count=count, segments=segments,
                         generation=int(self.manifest["generation"]) + vectors_changed,
-                        revision=int(self.manifest["revision"]) + 1, updated=now())
+                        revision=int(self.manifest["revision"]) + 1,
+                        content_revision=int(self.manifest.get("content_revision", 0)) + 1, updated=now())
         try:
             with self._db:
                 rows_delta = self._apply_rows(changes, number)
