@@ -119,6 +119,12 @@ def test_optimize_and_info_through_the_cli(index_dir):
     # 50 vectors, nprobe tuned to 0.99: the same answer as the exact search.
     assert run("query", query, "--index", index_dir, "--format", "json").stdout == exact
     assert run("optimize", "--index", index_dir).stdout.startswith("nothing to do")
+    # A merge changes no image, label or vector: a trained classifier stays valid.
+    run("train-classifier", "--index", index_dir)
+    linear = ["classify", query, "--index", index_dir, "--method", "linear", "--format", "json"]
+    before = json.loads(run(*linear).stdout)
+    run("optimize", "--index", index_dir, "--force")
+    assert json.loads(run(*linear).stdout) == before
     table = run("info", "--index", index_dir).stdout
     assert "index_type:          ivf-sq8" in table and "recall_at_10:" in table
     assert run("verify", "--index", index_dir).stdout.startswith("ok: 50 images")
