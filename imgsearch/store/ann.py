@@ -12,8 +12,8 @@ these over it; newer segments stay searchable exactly until the next merge.
 | ivf-pq    | inverted lists of product-quantizer codes | about 0.15 GB        |
 
 Every approximate answer is re-ranked with the exact vectors (read from the
-memory-mapped segment, only for the candidates), so scores are exact cosine
-similarities whichever type found them.  IVF files are memory-mapped too: a
+segment, only for the candidates), so scores are exact cosine
+similarities whichever type found them.  IVF files are memory-mapped: a
 cold query reads the lists it probes, not the whole index.  HNSW is read
 whole; ``auto`` never picks it, it is there for users who serve warm.
 

@@ -1,8 +1,8 @@
 """Segments: immutable files of vectors, each written once by one commit.
 
 A segment file holds a 64-byte header, the 64-bit ids of its vectors, then
-the float32 vectors themselves, so both can be memory-mapped and nothing is
-read before it is needed::
+the float32 vectors themselves, so any row can be read (or mapped) where it
+lies and no vector is read before it is needed::
 
     b"IMGSVEC1" | dim (uint32) | 0 (uint32) | count (uint64) | zeros to 64 bytes
     ids     int64[count]
