@@ -609,15 +609,6 @@ class Index:
         return optimize(self.store, index_type=index_type, target_recall=target_recall,
                         max_memory=max_memory, force=force, progress=progress)
 
-    def compact(self, *, progress=None):
-        """Merge the segments added since the last optimize among themselves
-        (see :func:`imgsearch.store.compact`)."""
-        from .store import compact
-
-        if not self.store.writable:
-            raise UsageError("index opened for reading; open it writable to merge it")
-        return compact(self.store, progress=progress)
-
     def optimize_due(self) -> tuple[str, str] | None:
         """``("optimize", why)`` or ``("compact", why)`` when the index
         should be merged now (many vectors not merged, many removed, many

@@ -963,7 +963,8 @@ class Store:
             dead.setdefault(segment_number, []).append(image_id)
         for segment_number, dead_ids in dead.items():
             segment = by_number[segment_number]
-            segment.dead[segment.positions(dead_ids)[segment.positions(dead_ids) >= 0]] = True
+            rows = segment.positions(dead_ids)
+            segment.dead[rows[rows >= 0]] = True
         if info is not None:
             self._view.segments.append(Segment(self.directory, info, self.dim))
             self._checked.add((info.file, info.sha256))
