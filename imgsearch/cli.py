@@ -350,7 +350,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER"), runtime=runtime,
                      precision=precision, calibration=list(paths), index_type=index_type or "auto",
-                     target_recall=target_recall or 0.95, max_memory=max_memory) as idx:
+                     target_recall=target_recall, max_memory=max_memory) as idx:
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,

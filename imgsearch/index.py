@@ -224,7 +224,7 @@ class Index:
     def build(cls, directory, *, encoder: str | None = None, weights: str | None = None,
               default_encoder: str | None = None, registry: Registry | None = None,
               plugins_dir=None, runtime: str = "auto", precision: str | None = None,
-              calibration=None, index_type: str = "auto", target_recall: float = 0.95,
+              calibration=None, index_type: str = "auto", target_recall: float | None = None,
               max_memory: int | None = None) -> "Index":
         """An index to add to: the existing one at ``directory`` (which must
         match ``encoder``, ``weights`` and ``precision`` if given) or a new
@@ -236,6 +236,7 @@ class Index:
         check_choice(runtime, precision)
         from .store import ann
 
+        target_recall = ann.DEFAULT_TARGET_RECALL if target_recall is None else target_recall
         ann.check_settings(index_type, target_recall, max_memory)
         if Store.exists(directory):
             store = Store.open(directory, writable=True)
@@ -604,8 +605,6 @@ class Index:
         :func:`imgsearch.store.optimize`); ``progress(stage, done, total)``."""
         from .store import optimize
 
-        if not self.store.writable:
-            raise UsageError("index opened for reading; open it writable to optimize it")
         return optimize(self.store, index_type=index_type, target_recall=target_recall,
                         max_memory=max_memory, force=force, progress=progress)
 

@@ -91,23 +91,21 @@ class Sync:
         return self._entry[image_id]
 
     def _entry_at(self, path: str) -> Entry | None:
-        if path not in self._id_at:
-            found = self.store.entry_at(path)
-            if found is None or found.id in self._entry:
-                self._id_at[path] = _GONE  # absent, or its cached row moved away
-            else:
-                self._remember(found)
-        image_id = self._id_at[path]
-        return None if image_id is None else self._entry_of(image_id)
+        return self._entry_by(self._id_at, path, self.store.entry_at)
 
     def _entry_with(self, sha256: str) -> Entry | None:
-        if sha256 not in self._id_with:
-            found = self.store.entry_with(sha256)
+        return self._entry_by(self._id_with, sha256, self.store.entry_with)
+
+    def _entry_by(self, ids: dict, key: str, look_up) -> Entry | None:
+        """The entry under ``key`` (a path or a content hash) in ``ids``,
+        asking the store the first time."""
+        if key not in ids:
+            found = look_up(key)
             if found is None or found.id in self._entry:
-                self._id_with[sha256] = _GONE
+                ids[key] = _GONE  # absent, or its cached row has changed since
             else:
                 self._remember(found)
-        image_id = self._id_with[sha256]
+        image_id = ids[key]
         return None if image_id is None else self._entry_of(image_id)
 
     def _alias_at(self, path: str) -> Alias | None:

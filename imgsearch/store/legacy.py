@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadIndexError
+from . import ann
 from .files import deferred_signals, write_atomic
 from .segments import write_segment
 
@@ -36,7 +37,7 @@ def convert_if_old(directory: Path, db: sqlite3.Connection) -> bool:
     info = write_segment(directory, 1, ids, vectors) if len(ids) else None
     new = {key: value for key, value in manifest.items() if key not in ("vectors_file", "vectors_sha256")}
     new.update(format_version=current.FORMAT_VERSION, segments=int(info is not None), ann=None,
-               search={"type": "auto", "target_recall": 0.95, "max_memory": None},
+               search={"type": "auto", "target_recall": ann.DEFAULT_TARGET_RECALL, "max_memory": None},
                generation=int(manifest.get("generation", 0)) + 1,
                revision=int(manifest.get("revision", 0)) + 1,
                content_revision=int(manifest.get("revision", 0)) + 1, updated=current.now())

@@ -262,19 +262,18 @@ class Store:
     """An open index directory.  Use :meth:`create` or :meth:`open`."""
 
     def __init__(self, directory: Path, connection: sqlite3.Connection, writable: bool,
-                 check_manifest: bool = True, lock_held: bool = False):
+                 check_manifest: bool = True, lock_handle=None):
+        """``lock_handle``: a writer's lock, taken before the state is read
+        (or a writer could start from a state another is about to replace);
+        closed with the store."""
         self.directory = directory
         self._db = connection
         self.writable = writable
-        self._lock_handle = None
+        self._lock_handle = lock_handle
         self.created_here = False
         self._made_folder = False
         self._checked: set[tuple[str, str]] = set()  # (file, sha256) whose checksum held
         self._sha_index: _ShaIndex | None = None
-        if writable and not lock_held:
-            # The state must be read under the lock, or a writer could start
-            # from a state another writer is about to replace.
-            self._acquire_lock()
         try:
             self._load_state()
             if check_manifest:
@@ -329,17 +328,16 @@ class Store:
                 raise IndexLockedError(f"index {directory} was just created by another process; run again")
             cls.check_creatable(directory)
             store = cls._create_locked(directory, encoder, dim, {
-                "type": index_type, "target_recall": float(target_recall), "max_memory": max_memory})
+                "type": index_type, "target_recall": float(target_recall), "max_memory": max_memory}, lock)
         except BaseException:
             if lock is not None:
                 lock.close()
             raise
-        store._lock_handle = lock
         store.created_here, store._made_folder = True, made_folder
         return store
 
     @classmethod
-    def _create_locked(cls, directory: Path, encoder: dict, dim: int, search: dict) -> "Store":
+    def _create_locked(cls, directory: Path, encoder: dict, dim: int, search: dict, lock) -> "Store":
         for leftover in _CREATION_LEFTOVERS - {LOCK_FILE}:  # of an earlier creation that was killed
             (directory / leftover).unlink(missing_ok=True)
         tmp = directory / (METADATA_FILE + ".new")
@@ -373,7 +371,7 @@ class Store:
         os.replace(tmp, directory / METADATA_FILE)
         fsync_dir(directory)
         db = sqlite3.connect(directory / METADATA_FILE, timeout=30, check_same_thread=False)
-        return cls(directory, db, writable=True, lock_held=True)
+        return cls(directory, db, writable=True, lock_handle=lock)
 
     @classmethod
     def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
@@ -397,23 +395,20 @@ class Store:
             db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
-        if writable:
-            from .legacy import convert_if_old
+        if not writable:
+            return cls(directory, db, False, check_manifest)
+        from .legacy import convert_if_old
 
+        handle = None
+        try:
             handle = _lock(directory)
-            try:
-                convert_if_old(directory, db)
-                return cls(directory, db, writable, check_manifest, lock_held=True)._holding(handle)
-            except BaseException:
-                db.close()
-                if handle is not None:
-                    handle.close()
-                raise
-        return cls(directory, db, writable, check_manifest)
-
-    def _holding(self, handle) -> "Store":
-        self._lock_handle = handle
-        return self
+            convert_if_old(directory, db)
+        except BaseException:
+            db.close()
+            if handle is not None:
+                handle.close()
+            raise
+        return cls(directory, db, True, check_manifest, lock_handle=handle)
 
     def close(self) -> None:
         if getattr(self, "_view", None) is not None:
@@ -428,10 +423,6 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
-
-    def _acquire_lock(self) -> None:
-        if self._lock_handle is None:
-            self._lock_handle = _lock(self.directory)
 
     def _damaged(self, what: str) -> BadIndexError:
         return BadIndexError(f"index {self.directory} is damaged: {what}")
