@@ -327,9 +327,17 @@ def encoders(ctx, fmt):
 @click.option("--errors", "errors_csv", type=click.Path(dir_okay=False, writable=True),
               help="Write every skipped path and its reason to this CSV file.")
 @click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|local|HOST:PORT]",
+              help="Decode and embed on a Ray cluster (pip install 'imgsearch[ray]'): auto (the default "
+                   "when --ray is given alone) joins RAY_ADDRESS or a cluster started here with 'ray start', "
+                   "else starts one for this run; HOST:PORT joins that head node. Images must be readable "
+                   "under the same paths on every node.")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="N",
+              help="GPUs per Ray encoding actor (0: CPU actors, one per node).")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
-          max_megapixels, prune, index_type, target_recall, max_memory, no_optimize, errors_csv, strict):
+          max_megapixels, prune, index_type, target_recall, max_memory, no_optimize, errors_csv, strict,
+          ray_address, ray_gpus):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -341,9 +349,12 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
       imgsearch index photos/ --index my-index
       imgsearch index train/ --index pets --encoder efficientnet-lite0
       imgsearch index photos/ --index my-index --prune --errors skipped.csv
+      imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
     """
     from .index import Index, read_labels_csv
 
+    if ray_gpus and not ray_address:
+        raise click.UsageError("--ray-gpus needs --ray")
     _terminate_as_interrupt()
     errors_out = _open_errors_csv(errors_csv, index_dir) if errors_csv else None
     labels = read_labels_csv(labels_csv) if labels_csv else None
@@ -354,7 +365,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
-                         max_megapixels=max_megapixels, progress=_progress_bar("indexing"))
+                         max_megapixels=max_megapixels, progress=_progress_bar("indexing"),
+                         ray=ray_address, ray_gpus=ray_gpus)
         pruned = idx.prune() if prune else None
         click.echo(
             f"added {report.added}, updated {report.updated}, moved {report.moved}, "

@@ -202,6 +202,7 @@ class Registry:
 
     def __init__(self):
         self._by_name: dict[str, Registration] = {}
+        self.plugins_dir: Path | None = None  # the folder plugin files came from, if any
 
     def register(self, encoder_cls: type, source: str) -> None:
         name = getattr(encoder_cls, "name", None)
@@ -229,6 +230,10 @@ class Registry:
     def source(self, name: str) -> str:
         self.get(name)
         return self._by_name[name].source
+
+    def from_plugins_dir(self, name: str) -> bool:
+        """Whether ``name`` came from a plugin file rather than a package."""
+        return self.source(name).startswith("plugin file ")
 
     def create(self, name: str, weights: str | None = None) -> Encoder:
         return self.get(name)(weights)
@@ -283,7 +288,8 @@ def load_registry(plugins_dir: str | Path | None = None) -> Registry:
     registry = Registry()
     _load_entry_points(registry)
     if plugins_dir:
-        _load_plugins_dir(registry, Path(plugins_dir).expanduser())
+        registry.plugins_dir = Path(plugins_dir).expanduser().resolve()
+        _load_plugins_dir(registry, registry.plugins_dir)
     logger.debug("encoders: %s", ", ".join(registry.names()))
     return registry
 

@@ -221,3 +221,12 @@ def read_bytes(path: Path) -> bytes:
         raise DecodeError("permission denied") from None
     except OSError as exc:
         raise DecodeError(f"cannot read file ({exc.strerror or exc})") from None
+
+
+def skip_reason(exc: BaseException) -> str:
+    """The reason reported for a file that could not be read or decoded."""
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot read file ({exc.strerror or exc})"
+    return f"cannot process ({type(exc).__name__}: {first_line(exc)})"

@@ -91,6 +91,7 @@ class _Prepared:
     height: int = 0
     reason: str | None = None
     unchanged: bool = False
+    vector: np.ndarray | None = None  # made elsewhere (a Ray worker)
 
 
 def read_labels_csv(path) -> dict[str, str]:
@@ -317,7 +318,8 @@ class Index:
     # -- adding ----------------------------------------------------------
     def add(self, paths, *, labels: dict[str, str] | None = None, batch_size: int | None = None,
             commit_every: int = DEFAULT_COMMIT_EVERY, max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
-            progress: Progress | None = None) -> AddReport:
+            progress: Progress | None = None, ray: str | None = None,
+            ray_gpus: float = 0.0) -> AddReport:
         """Embed and store every image in ``paths`` not yet indexed.
 
         Unchanged files (same path, same content) are not decoded again,
@@ -328,6 +330,11 @@ class Index:
         also relabel files already indexed.  Work is committed every
         ``commit_every`` images.  A new index that fails before its first
         commit is removed again.
+
+        ``ray``: decode and embed on a Ray cluster (``"auto"``, ``"local"`` or
+        the head's ``HOST:PORT``; see :mod:`imgsearch.cluster`), each encoding
+        actor taking ``ray_gpus`` GPUs (0: CPU actors).  The results are
+        those of a local run.
         """
         if not self.store.writable:
             raise UsageError("index opened for reading; use Index.build to add images")
@@ -337,9 +344,11 @@ class Index:
             raise UsageError("commit interval must be at least 1")
         if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
             raise UsageError("the megapixel limit must be a positive number")
+        if not (ray_gpus >= 0 and math.isfinite(ray_gpus)):
+            raise UsageError("GPUs per Ray actor must be zero or more")
         try:
             report = self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
-                               commit_every, max_megapixels, progress)
+                               commit_every, max_megapixels, progress, ray, ray_gpus)
             if self.store.created_here and self.store.count == 0 and report.skipped:
                 first = report.skipped[0]
                 raise ImgsearchError(
@@ -352,7 +361,8 @@ class Index:
                 self.store.discard()
             raise
 
-    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, progress) -> AddReport:
+    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, progress, ray,
+             ray_gpus) -> AddReport:
         started = time.perf_counter()
         files, skipped = imgs.discover(paths)
         if not files:
@@ -388,16 +398,26 @@ class Index:
                         return _Prepared(file, sha, stat.st_size, stat.st_mtime)
                 pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels)
                 return _Prepared(file, sha, stat.st_size, stat.st_mtime, pixels, *size)
-            except imgs.DecodeError as exc:
-                return _Prepared(file, reason=str(exc))
-            except OSError as exc:
-                return _Prepared(file, reason=f"cannot read file ({exc.strerror or exc})")
             except Exception as exc:  # one bad file must not stop a long run
-                return _Prepared(file, reason=f"cannot process ({type(exc).__name__}: {first_line(exc)})")
+                return _Prepared(file, reason=imgs.skip_reason(exc))
 
         try:
-            self._run_batches(files, labels, batch_size, commit_every, progress, report, sync, prepare,
-                              sync_lock)
+            with contextlib.ExitStack() as stack:
+                if ray:
+                    from . import cluster
+
+                    session = stack.enter_context(cluster.connect(ray))
+                    plugins_dir = (self.registry.plugins_dir if self.registry.from_plugins_dir(encoder.name)
+                                   else None)
+                    spec = cluster.spec_for(encoder, plugins_dir=plugins_dir,
+                                            max_megapixels=max_megapixels, batch_size=batch_size)
+                    source = self._embedded_remotely(session, files, spec, sync, ray_gpus)
+                else:
+                    # Files are read and decoded ahead in worker threads while
+                    # this thread runs the encoder.
+                    source = prefetch(prepare, files, ahead=2 * batch_size)
+                self._run_batches(stack.enter_context(contextlib.closing(source)), len(files), labels,
+                                  batch_size, commit_every, progress, report, sync, prepare, sync_lock)
         except KeyboardInterrupt:
             # What is embedded already is worth keeping; the commit is atomic.
             with contextlib.suppress(ImgsearchError):
@@ -406,11 +426,52 @@ class Index:
                 f"interrupted: {self.store.count - count_before} new images committed in this run, "
                 f"the index holds {self.store.count}; run the same command again to resume"
             ) from None
+        except Exception as exc:
+            if not ray:
+                raise
+            # A lost node or worker: keep what arrived, and say how to go on.
+            with contextlib.suppress(ImgsearchError):
+                sync.commit()
+            added = self.store.count - count_before
+            if isinstance(exc, ImgsearchError) and not added:
+                raise
+            problem = str(exc) if isinstance(exc, ImgsearchError) else f"the Ray run failed ({first_line(exc)})"
+            raise ImgsearchError(f"{problem}; {added} new images committed in this run, "
+                                 "run the same command again to resume") from None
         report.seconds = time.perf_counter() - started
         return report
 
-    def _run_batches(self, files, labels, batch_size, commit_every, progress, report, sync, prepare,
-                     sync_lock):
+    def _embedded_remotely(self, ray, files, spec, sync, gpus_per_actor):
+        """Prepared files in file order, the vectors made on a Ray cluster.
+        Files unchanged since they were indexed are recognised here, so a
+        resumed run sends only the rest."""
+        from . import cluster
+
+        local: list[_Prepared | None] = []
+        for file in files:
+            path = str(file.path)
+            try:
+                stat = os.stat(file.path)
+            except OSError:
+                local.append(None)  # the worker reports why
+                continue
+            with sync.lock:
+                unchanged = sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime)
+            local.append(_Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
+                         if unchanged else None)
+        remote = cluster.embed(ray, [str(f.path) for f, done in zip(files, local) if done is None], spec,
+                               gpus_per_actor=gpus_per_actor)
+        with contextlib.closing(remote):
+            for file, done in zip(files, local):
+                if done is not None:
+                    yield done
+                    continue
+                item = next(remote)
+                yield _Prepared(file, item.sha256, item.size, item.mtime, None, item.width, item.height,
+                                item.reason, vector=item.vector)
+
+    def _run_batches(self, prepared, total, labels, batch_size, commit_every, progress, report, sync,
+                     prepare, sync_lock):
         counters = {"added": "added", "changed": "updated", "unchanged": "unchanged",
                     "relabelled": "unchanged", "moved": "moved"}
         queue: list[_Prepared] = []  # read files waiting for their batch, in file order
@@ -424,10 +485,11 @@ class Index:
         def settle():
             """Embed the queued pixels as one batch and record every queued file."""
             vector_of = embed([item for item in queue if item.pixels is not None])
+            vector_of.update({id(item): item.vector for item in queue if item.vector is not None})
             with sync_lock:
                 for item in queue:
                     path = str(item.file.path)
-                    if item.pixels is None and sync.needs_pixels(path, item.sha256):
+                    if id(item) not in vector_of and sync.needs_pixels(path, item.sha256):
                         # Read as a copy of indexed content that an earlier
                         # file has since replaced: embed it now.
                         item = prepare(item.file, force=True)
@@ -452,34 +514,31 @@ class Index:
                 sync.commit()
                 self._compact_if_due(sync.lock)
 
-        # Files are read and decoded ahead in worker threads while this thread
-        # runs the encoder; every encoder call gets a full batch of pixels
-        # (unchanged and unreadable files do not leave holes in it).
+        # Every encoder call gets a full batch of pixels (unchanged and
+        # unreadable files do not leave holes in it).
         waiting = 0
-        prepared = prefetch(prepare, files, ahead=2 * batch_size)
-        with contextlib.closing(prepared):
-            for done, item in enumerate(prepared, start=1):
-                if item.reason:
-                    report.skipped.append(imgs.Skipped(item.file.path, item.reason))
-                elif item.unchanged:
-                    path = str(item.file.path)
-                    report.unchanged += 1
-                    with sync_lock:
-                        report.relabelled += sync.unchanged(path, labels.get(path))
-                else:
-                    queue.append(item)
-                    waiting += item.pixels is not None
-                if waiting >= batch_size or len(queue) >= 4 * batch_size:
-                    settle()
-                    waiting = 0
-                    commit_if_due()
-                if done % batch_size == 0 or done == len(files):
-                    commit_if_due()
-                    if progress:
-                        progress(done, len(files))
-            settle()
-            sync.commit()
-            self._compact_if_due(sync.lock)
+        for done, item in enumerate(prepared, start=1):
+            if item.reason:
+                report.skipped.append(imgs.Skipped(item.file.path, item.reason))
+            elif item.unchanged:
+                path = str(item.file.path)
+                report.unchanged += 1
+                with sync_lock:
+                    report.relabelled += sync.unchanged(path, labels.get(path))
+            else:
+                queue.append(item)
+                waiting += item.pixels is not None or item.vector is not None
+            if waiting >= batch_size or len(queue) >= 4 * batch_size:
+                settle()
+                waiting = 0
+                commit_if_due()
+            if done % batch_size == 0 or done == total:
+                commit_if_due()
+                if progress:
+                    progress(done, total)
+        settle()
+        sync.commit()
+        self._compact_if_due(sync.lock)
 
     def _compact_if_due(self, lock) -> None:
         """Merge small recent segments among themselves between commits, so

@@ -1,0 +1,285 @@
+"""Indexing on a Ray cluster (``index --ray``) against a local run.
+
+A real two-node Ray cluster runs on loopback for this module: a head node and
+a second node, one CPU each, started with ``ray start --block`` (so that
+stopping those two commands stops every process they started) and token
+authentication switched on, as a cluster on a network should have it.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE_DATA, kill_when
+
+pytestmark = pytest.mark.slow
+
+RAY_PLUGINS = Path(__file__).resolve().parent / "plugins_ray"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(condition, what: str, deadline: float = 60.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"{what} did not happen within {deadline:.0f} s")
+        time.sleep(0.2)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, _session_cache):
+    """``(address, env)``: a two-node cluster and the environment a driver
+    needs to join it."""
+    token = tmp_path_factory.mktemp("ray") / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           # the nodes' workers find the encoders' exported models here
+           "IMGSEARCH_CACHE_DIR": str(_session_cache), "TF_CPP_MIN_LOG_LEVEL": "3",
+           # paced-color on the nodes takes 0.15 s a batch of 8
+           "IMGSEARCH_TEST_PACE_S": "0.15"}
+    env.pop("IMGSEARCH_TEST_DRIVER_ONLY", None)
+    port = _free_port()
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    nodes = []
+    try:
+        nodes.append(subprocess.Popen(
+            [BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--include-dashboard=false", "--ray-client-server-port", str(_free_port()), *common],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for(lambda: _listening(port), "the Ray head node's start")
+        nodes.append(subprocess.Popen(
+            [BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        count = [sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))"]
+        _wait_for(lambda: subprocess.run(count, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                                         capture_output=True, text=True).stdout.strip() == "2",
+                  "the second Ray node's joining")
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for node in reversed(nodes):  # the second node, then the head
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+
+def imgsearch(*args, env=None, plugins=RAY_PLUGINS, timeout=300, wait=True):
+    command = [str(BIN / "imgsearch"), "--plugins-dir", str(plugins), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def contents(index_dir):
+    """Every entry's metadata, and the vectors in id order."""
+    from imgsearch.store import Store
+
+    with Store.open(index_dir) as store:
+        entries = store.entries()
+        rows = [(e.id, e.path, e.sha256, e.size, e.mtime, e.label, e.width, e.height) for e in entries]
+        aliases = sorted((a.path, a.image_id) for a in store.aliases())
+        return rows, aliases, store.vectors([e.id for e in entries])
+
+
+def assert_same_index(local, remote):
+    rows, aliases, vectors = contents(local)
+    remote_rows, remote_aliases, remote_vectors = contents(remote)
+    assert remote_rows == rows
+    assert remote_aliases == aliases
+    cosines = np.sum(vectors * remote_vectors, axis=1)
+    assert cosines.min() >= 0.9999, cosines.min()
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """The labelled sample photos, a copy of one and a file that is not an image."""
+    root = tmp_path / "photos"
+    shutil.copytree(SAMPLE_DATA / "labelled", root)
+    first = sorted((root / "church").iterdir())[0]
+    shutil.copy(first, root / "church" / "zz-copy.jpg")
+    (root / "church" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_two_node_run_equals_a_local_run(cluster, photos, tmp_path):
+    address, env = cluster
+    local = imgsearch("index", photos, "--index", tmp_path / "local", "--encoder", "efficientnet-lite0")
+    assert local.returncode == 0, local.stderr
+    remote = imgsearch("index", photos, "--index", tmp_path / "remote", "--encoder", "efficientnet-lite0",
+                       "--ray", address, env=env)
+    assert remote.returncode == 0, remote.stderr
+    assert "added 50," in remote.stdout and "duplicates 1," in remote.stdout and "skipped 1 " in remote.stdout
+    # The same file is skipped for the same reason, on stderr or stdout alike.
+    skipped = [line for line in (remote.stdout + remote.stderr).splitlines() if "broken.jpg" in line]
+    assert skipped and skipped == [line for line in (local.stdout + local.stderr).splitlines()
+                                   if "broken.jpg" in line]
+    assert_same_index(tmp_path / "local", tmp_path / "remote")
+    # Running it again sends out only the file that failed, and says so once.
+    again = imgsearch("index", photos, "--index", tmp_path / "remote", "--ray", address, env=env)
+    assert again.returncode == 0 and "added 0," in again.stdout and "unchanged 51," in again.stdout
+    assert "skipped 1 " in again.stdout and "warn" not in again.stderr.lower(), again.stderr
+
+
+def _many_photos(root: Path, count: int) -> Path:
+    rng = np.random.default_rng(7)
+    for number in range(count):
+        folder = root / ("red" if number % 2 else "blue")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{number:04d}.png")
+    return root
+
+
+def _committed(index: Path) -> int:
+    """Images in the index's last commit (0 while it has none)."""
+    import sqlite3
+
+    time.sleep(0.05)
+    try:
+        with sqlite3.connect(f"file:{index / 'metadata.sqlite'}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_driver_loses_only_the_uncommitted_step(cluster, tmp_path):
+    address, env = cluster
+    photos = _many_photos(tmp_path / "many", 240)
+    index = tmp_path / "ix"
+    # 30 batches at 0.15 s on the nodes: the run takes seconds, commits often.
+    run = imgsearch("index", photos, "--index", index, "--encoder", "paced-color", "--commit-every", "16",
+                    "--ray", address, env=env, wait=False)
+    assert kill_when(run, lambda: _committed(index) >= 16), \
+        "the run ended before its first commit: nothing was tested"
+    rows, _, _ = contents(index)
+    assert 0 < len(rows) < 240
+    resumed = imgsearch("index", photos, "--index", index, "--ray", address, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"unchanged {len(rows)}," in resumed.stdout
+    verified = imgsearch("verify", "--index", index, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    local = imgsearch("index", photos, "--index", tmp_path / "local", "--encoder", "paced-color")
+    assert local.returncode == 0, local.stderr
+    assert_same_index(tmp_path / "local", index)
+
+
+def test_a_local_cluster_started_for_the_run(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    remote = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "remote", "--encoder",
+                       "paced-color", "--ray", "local", env=env)
+    assert remote.returncode == 0, remote.stderr
+    local = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "local", "--encoder",
+                      "paced-color")
+    assert_same_index(tmp_path / "local", tmp_path / "remote")
+    assert local.returncode == 0
+
+
+def test_a_plugin_missing_on_the_nodes_is_named(cluster, tmp_path):
+    address, env = cluster
+    result = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--encoder",
+                       "driver-only", "--ray", address, env={**env, "IMGSEARCH_TEST_DRIVER_ONLY": "1"})
+    error = one_line_error(result)
+    assert error.startswith("Error: Ray node ") and " cannot run the encoder: " in error
+    assert "encoder 'driver-only' is not installed there" in error
+    assert not (tmp_path / "ix").exists()  # nothing was committed, so no index is left
+
+
+def test_more_gpus_than_the_cluster_has(cluster, tmp_path):
+    address, env = cluster
+    error = one_line_error(imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix",
+                                     "--encoder", "paced-color", "--ray", address, "--ray-gpus", "1", env=env))
+    assert "the Ray cluster has 0 GPUs, fewer than --ray-gpus 1" in error
+
+
+def test_a_cluster_that_refuses_the_driver(cluster, tmp_path):
+    address, env = cluster
+    outsider = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    outsider["RAY_AUTH_MODE"] = "disabled"
+    error = one_line_error(imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix",
+                                     "--encoder", "paced-color", "--ray", address, env=outsider))
+    assert "cannot connect to the Ray cluster" in error and "RAY_AUTH_TOKEN" in error
+
+
+def test_no_cluster_at_the_address(tmp_path):
+    started = time.monotonic()
+    error = one_line_error(imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix",
+                                     "--encoder", "paced-color", "--ray", f"127.0.0.1:{_free_port()}"))
+    assert "cannot reach the Ray cluster at 127.0.0.1:" in error
+    assert time.monotonic() - started < 60  # not Ray's own minutes of retrying
+    assert not (tmp_path / "ix").exists()
+
+
+def test_gpus_without_ray_is_a_usage_error(tmp_path):
+    result = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--ray-gpus", "1")
+    assert result.returncode == 2 and "--ray-gpus needs --ray" in result.stderr
+
+
+# -- what each node checks before work is sent (no cluster needed) -----------
+
+def _spec(**changes):
+    from dataclasses import asdict, replace
+
+    from imgsearch import __version__, load_registry
+    from imgsearch.cluster import spec_for
+    from imgsearch.runtime import RuntimeOptions
+
+    encoder = load_registry(RAY_PLUGINS).create("paced-color")
+    encoder.use_runtime(RuntimeOptions()).ensure_loaded()
+    spec = spec_for(encoder, plugins_dir=RAY_PLUGINS, max_megapixels=100, batch_size=8)
+    assert spec.version == __version__ and spec.ran_as == "native"
+    return asdict(replace(spec, **changes))
+
+
+def test_a_node_that_can_run_the_encoder_says_so():
+    from imgsearch.cluster import _probe
+
+    assert _probe(_spec()) is None
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"version": "0.0.1"}, "imgsearch 0.1.0 is installed there, 0.0.1 here"),
+    ({"plugins_dir": "/nonexistent/plugins"}, "the plugins folder /nonexistent/plugins is not there"),
+    ({"encoder": "nope"}, "encoder 'nope' is not installed there"),
+    ({"fingerprint": "other"}, "its paced-color weights differ from this machine's"),
+    ({"encoder": "resnet50", "weights": "/nonexistent/w.h5", "plugins_dir": None},
+     "the resnet50 weights are not there"),
+])
+def test_a_node_that_cannot_names_the_problem(changes, problem):
+    from imgsearch.cluster import _probe
+
+    assert problem in _probe(_spec(**changes))
