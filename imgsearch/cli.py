@@ -42,6 +42,29 @@ class _PositiveNumber(click.ParamType):
 POSITIVE = _PositiveNumber()
 
 
+class _FormatList(click.ParamType):
+    """Comma-separated Pillow format names, checked against those Pillow reads."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        from .errors import UsageError
+        from .images import check_formats
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return check_formats(str(value).split(","))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+image_formats_option = click.option(
+    "--image-formats", "image_formats", type=_FormatList(), default=None, metavar="LIST",
+    help="Image formats to read, as Pillow names them, comma-separated (default: "
+         "JPEG,PNG,WEBP,BMP,GIF,TIFF); files in other formats are refused. Example: JPEG,PNG,PPM.")
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -319,6 +342,7 @@ def encoders(ctx, fmt):
               help="Commit to disk after this many new images.")
 @click.option("--max-megapixels", type=POSITIVE, default=100.0,
               show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@image_formats_option
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
 @index_type_options
 @click.option("--no-optimize", is_flag=True,
@@ -329,7 +353,8 @@ def encoders(ctx, fmt):
 @click.option("--strict", is_flag=True, help="Exit with an error when any file was skipped.")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
-          max_megapixels, prune, index_type, target_recall, max_memory, no_optimize, errors_csv, strict):
+          max_megapixels, image_formats, prune, index_type, target_recall, max_memory, no_optimize, errors_csv,
+          strict):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -354,7 +379,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
-                         max_megapixels=max_megapixels, progress=_progress_bar("indexing"))
+                         max_megapixels=max_megapixels, formats=image_formats, progress=_progress_bar("indexing"))
         pruned = idx.prune() if prune else None
         click.echo(
             f"added {report.added}, updated {report.updated}, moved {report.moved}, "
@@ -513,9 +538,10 @@ def verify(ctx, index_dir, repair):
 @weights_option
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
+@image_formats_option
 @format_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
@@ -525,6 +551,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
+        idx.formats = image_formats or idx.formats
         if idx.store.count == 0:
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
@@ -565,10 +592,11 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @weights_option
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
+@image_formats_option
 @format_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, fmt):
+             precision, image_formats, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -578,6 +606,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
+        idx.formats = image_formats or idx.formats
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method)
     if fmt == "json":

@@ -200,6 +200,8 @@ class Index:
         self._encoder = encoder
         # (encoder name, weights, runtime, precision) asked for, checked on first use
         self._wanted = wanted
+        # Pillow formats read from image files (see images.check_formats).
+        self.formats = imgs.DEFAULT_FORMATS
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -317,7 +319,7 @@ class Index:
     # -- adding ----------------------------------------------------------
     def add(self, paths, *, labels: dict[str, str] | None = None, batch_size: int | None = None,
             commit_every: int = DEFAULT_COMMIT_EVERY, max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
-            progress: Progress | None = None) -> AddReport:
+            formats=None, progress: Progress | None = None) -> AddReport:
         """Embed and store every image in ``paths`` not yet indexed.
 
         Unchanged files (same path, same content) are not decoded again,
@@ -326,8 +328,10 @@ class Index:
         duplicate rather than stored twice.  ``labels`` (absolute path to
         label, e.g. from :func:`read_labels_csv`) win over folder names and
         also relabel files already indexed.  Work is committed every
-        ``commit_every`` images.  A new index that fails before its first
-        commit is removed again.
+        ``commit_every`` images.  ``formats`` (Pillow's names, default
+        :attr:`formats`) are the image formats read; files of other formats
+        are skipped, and folders are searched for their suffixes.  A new
+        index that fails before its first commit is removed again.
         """
         if not self.store.writable:
             raise UsageError("index opened for reading; use Index.build to add images")
@@ -337,9 +341,10 @@ class Index:
             raise UsageError("commit interval must be at least 1")
         if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
             raise UsageError("the megapixel limit must be a positive number")
+        formats = imgs.check_formats(formats or self.formats)
         try:
             report = self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
-                               commit_every, max_megapixels, progress)
+                               commit_every, max_megapixels, formats, progress)
             if self.store.created_here and self.store.count == 0 and report.skipped:
                 first = report.skipped[0]
                 raise ImgsearchError(
@@ -352,9 +357,9 @@ class Index:
                 self.store.discard()
             raise
 
-    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, progress) -> AddReport:
+    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, formats, progress) -> AddReport:
         started = time.perf_counter()
-        files, skipped = imgs.discover(paths)
+        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats))
         if not files:
             raise NoImagesError(
                 "no image files found in " + ", ".join(str(p) for p in paths)
@@ -386,7 +391,8 @@ class Index:
                         needed = sync.needs_pixels(path, sha)
                     if not needed:
                         return _Prepared(file, sha, stat.st_size, stat.st_mtime)
-                pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels)
+                pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels,
+                                              formats=formats)
                 return _Prepared(file, sha, stat.st_size, stat.st_mtime, pixels, *size)
             except imgs.DecodeError as exc:
                 return _Prepared(file, reason=str(exc))
@@ -532,7 +538,7 @@ class Index:
         for path in paths:
             try:
                 data = imgs.read_bytes(Path(path))
-                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing)
+                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats)
             except imgs.DecodeError as exc:
                 raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
             hashes.append(sha256_bytes(data))
@@ -565,7 +571,7 @@ class Index:
 
         def load(file):
             try:
-                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep)[0], None
+                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats)[0], None
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 
