@@ -757,15 +757,24 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               help="Worker processes, each with its own copy of the model.")
 @click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
               help="Largest request body accepted, in MiB.")
-@click.option("--max-megapixels", type=POSITIVE, default=100.0, show_default=True,
+@click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,
               help="Refuse larger images (decompression-bomb guard).")
+@image_formats_option
+@click.option("--max-decode-mb", type=POSITIVE, default=512.0, show_default=True,
+              help="Memory for decoding images, all requests together (estimated from each image's header); "
+                   "requests wait for their share, then get 503.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections per worker (idle keep-alive ones count); more get 503.")
+@click.option("--read-timeout", type=POSITIVE, default=30.0, show_default=True,
+              help="Seconds allowed for a request's headers, and again for its body.")
 @click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a request may wait for others to share its encoder batch.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Most images in one encoder batch (default: the encoder's batch size).")
 @click.pass_context
 def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_paths, host, port, workers,
-                     max_body_mb, max_megapixels, batch_window_ms, max_batch):
+                     max_body_mb, max_megapixels, image_formats, max_decode_mb, max_connections, read_timeout,
+                     batch_window_ms, max_batch):
     """Serve an encoder over HTTP as a Weaviate img2vec-neural inference service.
 
     POST /vectors with {"id": ..., "image": "<base64 file bytes>"} returns the
@@ -778,6 +787,7 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
       imgsearch serve-vectorizer --encoder efficientnet-lite0 --port 8081
     """
     from .encoders import load_registry
+    from .images import DEFAULT_FORMATS
     from .runtime import Calibration, RuntimeOptions, check_choice, check_offered
     from .serve import run
 
@@ -796,6 +806,8 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
     click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
                f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
     run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,
+        formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
+        max_connections=max_connections, read_timeout_s=read_timeout,
         batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
 
 
