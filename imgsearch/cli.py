@@ -42,6 +42,29 @@ class _PositiveNumber(click.ParamType):
 POSITIVE = _PositiveNumber()
 
 
+class _FormatList(click.ParamType):
+    """Comma-separated Pillow format names, checked against those Pillow reads."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        from .errors import UsageError
+        from .images import check_formats
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return check_formats(str(value).split(","))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+image_formats_option = click.option(
+    "--image-formats", "image_formats", type=_FormatList(), default=None, metavar="LIST",
+    help="Image formats to read, as Pillow names them, comma-separated (default: "
+         "JPEG,PNG,WEBP,BMP,GIF,TIFF); files in other formats are refused. Example: JPEG,PNG,PPM.")
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -319,6 +342,7 @@ def encoders(ctx, fmt):
               help="Commit to disk after this many new images.")
 @click.option("--max-megapixels", type=POSITIVE, default=100.0,
               show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@image_formats_option
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
 @index_type_options
 @click.option("--no-optimize", is_flag=True,
@@ -336,8 +360,8 @@ def encoders(ctx, fmt):
               help="GPUs per Ray encoding actor (0: CPU actors, one per node).")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
-          max_megapixels, prune, index_type, target_recall, max_memory, no_optimize, errors_csv, strict,
-          ray_address, ray_gpus):
+          max_megapixels, image_formats, prune, index_type, target_recall, max_memory, no_optimize, errors_csv,
+          strict, ray_address, ray_gpus):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -365,7 +389,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
-                         max_megapixels=max_megapixels, progress=_progress_bar("indexing"),
+                         max_megapixels=max_megapixels, formats=image_formats, progress=_progress_bar("indexing"),
                          ray=ray_address, ray_gpus=ray_gpus)
         pruned = idx.prune() if prune else None
         click.echo(
@@ -525,9 +549,10 @@ def verify(ctx, index_dir, repair):
 @weights_option
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
+@image_formats_option
 @format_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
@@ -537,6 +562,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
+        idx.formats = image_formats or idx.formats
         if idx.store.count == 0:
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
@@ -577,10 +603,11 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @weights_option
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
+@image_formats_option
 @format_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, fmt):
+             precision, image_formats, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -590,6 +617,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
+        idx.formats = image_formats or idx.formats
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method)
     if fmt == "json":
@@ -740,15 +768,24 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               help="Worker processes, each with its own copy of the model.")
 @click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
               help="Largest request body accepted, in MiB.")
-@click.option("--max-megapixels", type=POSITIVE, default=100.0, show_default=True,
+@click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,
               help="Refuse larger images (decompression-bomb guard).")
+@image_formats_option
+@click.option("--max-decode-mb", type=POSITIVE, default=512.0, show_default=True,
+              help="Memory for decoding images, all requests together (estimated from each image's header); "
+                   "requests wait for their share, then get 503.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections per worker (idle keep-alive ones count); more get 503.")
+@click.option("--read-timeout", type=POSITIVE, default=30.0, show_default=True,
+              help="Seconds allowed for a request's headers, and again for its body.")
 @click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a request may wait for others to share its encoder batch.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Most images in one encoder batch (default: the encoder's batch size).")
 @click.pass_context
 def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_paths, host, port, workers,
-                     max_body_mb, max_megapixels, batch_window_ms, max_batch):
+                     max_body_mb, max_megapixels, image_formats, max_decode_mb, max_connections, read_timeout,
+                     batch_window_ms, max_batch):
     """Serve an encoder over HTTP as a Weaviate img2vec-neural inference service.
 
     POST /vectors with {"id": ..., "image": "<base64 file bytes>"} returns the
@@ -761,6 +798,7 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
       imgsearch serve-vectorizer --encoder efficientnet-lite0 --port 8081
     """
     from .encoders import load_registry
+    from .images import DEFAULT_FORMATS
     from .runtime import Calibration, RuntimeOptions, check_choice, check_offered
     from .serve import run
 
@@ -779,6 +817,8 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
     click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
                f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
     run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,
+        formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
+        max_connections=max_connections, read_timeout_s=read_timeout,
         batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
 
 

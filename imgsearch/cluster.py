@@ -62,10 +62,11 @@ class WorkerSpec:
     plugins_dir: str | None
     version: str
     max_megapixels: float
+    formats: tuple[str, ...]
     batch_size: int
 
 
-def spec_for(encoder, *, plugins_dir, max_megapixels: float, batch_size: int) -> WorkerSpec:
+def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size: int) -> WorkerSpec:
     from . import __version__
 
     options = encoder.options()
@@ -80,7 +81,7 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, batch_size: int) ->
     return WorkerSpec(encoder.name, encoder.weights, encoder.weights_fingerprint(),
                       encoder.preprocessing.to_dict(), runtime, options.precision, encoder.runtime_name,
                       str(os.path.abspath(plugins_dir)) if plugins_dir else None, __version__,
-                      max_megapixels, batch_size)
+                      max_megapixels, tuple(formats), batch_size)
 
 
 # -- connecting ------------------------------------------------------------
@@ -259,7 +260,8 @@ def _decode(batch: dict, spec: dict) -> dict:
             stat = os.stat(path)
             data = imgs.read_bytes(path)
             sha, size, mtime = sha256_bytes(data), stat.st_size, stat.st_mtime
-            pixels[row], shape = imgs.to_pixels(data, preprocessing, max_megapixels=spec["max_megapixels"])
+            pixels[row], shape = imgs.to_pixels(data, preprocessing, max_megapixels=spec["max_megapixels"],
+                                                formats=spec["formats"])
         except Exception as exc:  # one bad file must not stop the run
             reason = imgs.skip_reason(exc)
         for name, value in zip(_COLUMNS, (path, sha, size, mtime, shape[0], shape[1], reason)):

@@ -201,6 +201,8 @@ class Index:
         self._encoder = encoder
         # (encoder name, weights, runtime, precision) asked for, checked on first use
         self._wanted = wanted
+        # Pillow formats read from image files (see images.check_formats).
+        self.formats = imgs.DEFAULT_FORMATS
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -318,7 +320,7 @@ class Index:
     # -- adding ----------------------------------------------------------
     def add(self, paths, *, labels: dict[str, str] | None = None, batch_size: int | None = None,
             commit_every: int = DEFAULT_COMMIT_EVERY, max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
-            progress: Progress | None = None, ray: str | None = None,
+            formats=None, progress: Progress | None = None, ray: str | None = None,
             ray_gpus: float = 0.0) -> AddReport:
         """Embed and store every image in ``paths`` not yet indexed.
 
@@ -328,8 +330,10 @@ class Index:
         duplicate rather than stored twice.  ``labels`` (absolute path to
         label, e.g. from :func:`read_labels_csv`) win over folder names and
         also relabel files already indexed.  Work is committed every
-        ``commit_every`` images.  A new index that fails before its first
-        commit is removed again.
+        ``commit_every`` images.  ``formats`` (Pillow's names, default
+        :attr:`formats`) are the image formats read; files of other formats
+        are skipped, and folders are searched for their suffixes.  A new
+        index that fails before its first commit is removed again.
 
         ``ray``: decode and embed on a Ray cluster (``"auto"``, ``"local"`` or
         the head's ``HOST:PORT``; see :mod:`imgsearch.cluster`), each encoding
@@ -346,9 +350,10 @@ class Index:
             raise UsageError("the megapixel limit must be a positive number")
         if not (ray_gpus >= 0 and math.isfinite(ray_gpus)):
             raise UsageError("GPUs per Ray actor must be zero or more")
+        formats = imgs.check_formats(formats or self.formats)
         try:
             report = self._add(paths, labels or {}, batch_size or self.encoder.batch_size,
-                               commit_every, max_megapixels, progress, ray, ray_gpus)
+                               commit_every, max_megapixels, formats, progress, ray, ray_gpus)
             if self.store.created_here and self.store.count == 0 and report.skipped:
                 first = report.skipped[0]
                 raise ImgsearchError(
@@ -361,10 +366,10 @@ class Index:
                 self.store.discard()
             raise
 
-    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, progress, ray,
+    def _add(self, paths, labels, batch_size, commit_every, max_megapixels, formats, progress, ray,
              ray_gpus) -> AddReport:
         started = time.perf_counter()
-        files, skipped = imgs.discover(paths)
+        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats))
         if not files:
             raise NoImagesError(
                 "no image files found in " + ", ".join(str(p) for p in paths)
@@ -396,7 +401,8 @@ class Index:
                         needed = sync.needs_pixels(path, sha)
                     if not needed:
                         return _Prepared(file, sha, stat.st_size, stat.st_mtime)
-                pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels)
+                pixels, size = imgs.to_pixels(data, encoder.preprocessing, max_megapixels=max_megapixels,
+                                              formats=formats)
                 return _Prepared(file, sha, stat.st_size, stat.st_mtime, pixels, *size)
             except Exception as exc:  # one bad file must not stop a long run
                 return _Prepared(file, reason=imgs.skip_reason(exc))
@@ -409,8 +415,8 @@ class Index:
                     session = stack.enter_context(cluster.connect(ray))
                     plugins_dir = (self.registry.plugins_dir if self.registry.from_plugins_dir(encoder.name)
                                    else None)
-                    spec = cluster.spec_for(encoder, plugins_dir=plugins_dir,
-                                            max_megapixels=max_megapixels, batch_size=batch_size)
+                    spec = cluster.spec_for(encoder, plugins_dir=plugins_dir, max_megapixels=max_megapixels,
+                                            formats=formats, batch_size=batch_size)
                     source = self._embedded_remotely(session, files, spec, sync, ray_gpus)
                 else:
                     # Files are read and decoded ahead in worker threads while
@@ -591,7 +597,7 @@ class Index:
         for path in paths:
             try:
                 data = imgs.read_bytes(Path(path))
-                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing)
+                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats)
             except imgs.DecodeError as exc:
                 raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
             hashes.append(sha256_bytes(data))
@@ -624,7 +630,7 @@ class Index:
 
         def load(file):
             try:
-                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep)[0], None
+                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats)[0], None
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 

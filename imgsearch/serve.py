@@ -5,7 +5,7 @@ Endpoints::
 
     GET  /.well-known/live    204 as soon as the process answers
     GET  /.well-known/ready   204 once the encoder is loaded, 503 before
-    GET  /meta                the encoder: name, dim, preprocessing, weights, version
+    GET  /meta                the encoder: name, dim, preprocessing, weights fingerprint, version
     POST /vectors  (and /vectors/)
          {"id": "...", "image": "<base64 of the image file>"}
       -> {"id": "...", "vector": [...], "dim": N}
@@ -19,6 +19,12 @@ errors must be JSON).
 Concurrency: bodies are parsed and images decoded in a thread pool (Pillow
 releases the GIL), and one encoder thread embeds whatever has queued up,
 so concurrent requests share a batch and the model never runs twice at once.
+
+Memory: a request's body is bounded (``max_body_bytes``) and must arrive
+within ``read_timeout_s``; its image's header is read first, and decoding
+waits until the bytes it will take (estimated from the header) fit the
+service-wide ``max_decode_bytes``.  With the connection limit of
+:func:`run` that bounds what a burst of small requests can make us hold.
 
 FastAPI and uvicorn are an optional extra; importing this module without
 them raises :class:`~imgsearch.errors.ImgsearchError` saying how to install
@@ -73,6 +79,9 @@ from fastapi import Request  # noqa: E402  (only after the check above)
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from starlette.exceptions import HTTPException as _StarletteHTTPException  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+import h11  # noqa: E402  (uvicorn's own HTTP parser, always installed with it)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -84,6 +93,19 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 # request is known to be on its way (see _Batcher).
 DEFAULT_BATCH_WINDOW_S = 0.005
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
+# A network service needs a tighter guard than `index` on one's own files:
+# 40 megapixels is above any phone or most cameras' photos.
+DEFAULT_MAX_MEGAPIXELS = 40.0
+# Decoding in flight, all requests together: two of the largest images
+# allowed (40 MP with alpha, 160 MB decoded) or hundreds of ordinary photos.
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+# How long a request may wait for its share of that before it gets 503.
+DEFAULT_DECODE_WAIT_S = 10.0
+# Connections at once (idle keep-alive ones count); more get 503.
+DEFAULT_MAX_CONNECTIONS = 64
+# For a request's headers and then its body; slower clients are cut off
+# rather than holding a connection (and a slot under the limit) forever.
+DEFAULT_READ_TIMEOUT_S = 30.0
 # The multi-worker path rebuilds the encoder in each worker from this.
 _SPEC_ENV = "IMGSEARCH_SERVE_SPEC"
 
@@ -94,14 +116,15 @@ logger = logging.getLogger("uvicorn.error")
 class _Rejected(Exception):
     """A request we answer with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 # How much of a refused body is read and dropped after the answer, at most.
@@ -123,8 +146,8 @@ class _AnswerThenDrain(JSONResponse):
     client cannot hold the request open by sending without end.
     """
 
-    def __init__(self, status: int, message: str, drain_bytes: int):
-        super().__init__({"error": message}, status_code=status)
+    def __init__(self, status: int, message: str, drain_bytes: int, headers: dict | None = None):
+        super().__init__({"error": message}, status_code=status, headers=headers)
         self.drain_bytes = drain_bytes
 
     async def __call__(self, scope, receive, send):
@@ -164,10 +187,11 @@ def _check_content_type(value: str | None) -> None:
                          '{"id": "...", "image": "<base64 of the image file>"} as application/json')
 
 
-async def _read_body(request, limit: int) -> bytes:
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed
     ``limit``: from Content-Length before reading anything, and while
-    reading for bodies that declare no length (chunked) or lie about it."""
+    reading for bodies that declare no length (chunked) or lie about it.
+    A body not complete within ``timeout_s`` gets 408."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -178,8 +202,18 @@ async def _read_body(request, limit: int) -> bytes:
             raise _Rejected(413, f"request body too large ({length} bytes; the limit is {limit})")
     chunks = []
     size = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise _Rejected(408, f"the request body did not arrive within {timeout_s:g} s",
+                                {"Connection": "close"}) from None
             size += len(chunk)
             if size > limit:
                 raise _Rejected(413, f"request body too large (over the limit of {limit} bytes)")
@@ -208,11 +242,18 @@ def _image_bytes(text: str) -> bytes:
         raise _Rejected(400, f"'image' is not valid base64 ({first_line(exc)})") from None
 
 
-def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np.ndarray]:
-    """Request body to (id, resized pixels); runs in the decode pool.
+def _decode_error(exc: imgs.DecodeError) -> _Rejected:
+    # 413 like a body over the limit: the upload is too big, not malformed.
+    status = {"too large": 413, "format": 415}.get(exc.kind, 422)
+    return _Rejected(status, str(exc))
 
-    The image is decoded from memory exactly as ``Index.add`` decodes a
-    file; the id is only echoed back, never used as a path.
+
+def _open_request(body: bytes, preprocessing, max_megapixels: float, formats) -> tuple[str, imgs.Opened]:
+    """Request body to (id, the image with its header read); runs in the
+    decode pool.
+
+    The image is opened from memory exactly as ``Index.add`` opens a file;
+    the id is only echoed back, never used as a path.
     """
     if not body:
         raise _Rejected(400, 'empty request body; expected JSON {"id": "...", "image": "<base64>"}')
@@ -235,17 +276,66 @@ def _prepare(body: bytes, preprocessing, max_megapixels: float) -> tuple[str, np
     if not data:
         raise _Rejected(422, "'image' is empty")
     try:
-        pixels, _ = imgs.to_pixels(data, preprocessing, max_megapixels=max_megapixels)
+        opened = imgs.open_image(data, draft_size=preprocessing.draft_size, max_megapixels=max_megapixels,
+                                 formats=formats)
     except imgs.DecodeError as exc:
-        reason = str(exc)
-        # decode() words every size refusal this way.  413, like a body over
-        # the limit: the upload is too big, not malformed.
-        raise _Rejected(413 if reason.startswith("image too large") else 422, reason) from None
+        raise _decode_error(exc) from None
+    return payload["id"], opened
+
+
+def _decode_request(opened: imgs.Opened, preprocessing, max_megapixels: float) -> np.ndarray:
+    """An opened image to resized pixels; runs in the decode pool."""
+    try:
+        return imgs.pixels_of(opened, preprocessing, max_megapixels=max_megapixels)[0]
+    except imgs.DecodeError as exc:
+        raise _decode_error(exc) from None
     except MemoryError:
         raise _Rejected(413, "not enough memory to decode this image") from None
     except Exception as exc:  # Pillow's plugins raise more kinds than they document
         raise _Rejected(422, f"cannot process image ({type(exc).__name__}: {first_line(exc)})") from None
-    return payload["id"], pixels
+
+
+class _DecodeBudget:
+    """Bytes of decoding in flight, all requests together.
+
+    A request holds its image's estimate while it decodes.  One that does
+    not fit waits its turn, in order of arrival (so a large image is not
+    overtaken for ever by small ones), for at most ``wait_s``, then gets
+    503 with Retry-After.  An image larger than the whole budget decodes
+    when nothing else does.
+    """
+
+    def __init__(self, limit: int, wait_s: float):
+        self.limit = limit
+        self.wait_s = wait_s
+        self.used = 0
+        self.peak = 0  # the most held at once, for /meta and tests
+        self._turns: collections.deque = collections.deque()
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, estimate: int):
+        amount = min(estimate, self.limit)
+        turn = object()
+        async with self._changed:
+            self._turns.append(turn)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self._turns[0] is turn and self.used + amount <= self.limit), self.wait_s)
+            except asyncio.TimeoutError:
+                raise _Rejected(503, f"busy decoding other images (over {self.limit} bytes in flight); "
+                                     "try again shortly", {"Retry-After": "1"}) from None
+            finally:
+                self._turns.remove(turn)
+                self._changed.notify_all()
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= amount
+                self._changed.notify_all()
 
 
 class _Batcher:
@@ -341,10 +431,16 @@ class _Service:
     """The state behind one app: the encoder, its thread, the decode pool."""
 
     def __init__(self, encoder: Encoder, *, max_body_bytes: int, max_megapixels: float,
-                 batch_window_s: float, max_batch: int, decode_threads: int):
+                 batch_window_s: float, max_batch: int, decode_threads: int, formats,
+                 max_decode_bytes: int, decode_wait_s: float, read_timeout_s: float):
         self.encoder = encoder
         self.max_body_bytes = max_body_bytes
         self.max_megapixels = max_megapixels
+        self.formats = formats
+        self.max_decode_bytes = max_decode_bytes
+        self.decode_wait_s = decode_wait_s
+        self.read_timeout_s = read_timeout_s
+        self.weights_fingerprint: str | None = None  # once loaded; may hash a file, so once
         self.batch_window_s = batch_window_s
         self.max_batch = max_batch
         self.decode_threads = decode_threads
@@ -356,6 +452,7 @@ class _Service:
         self._encoder_thread: ThreadPoolExecutor | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self.batcher: _Batcher | None = None
+        self.budget: _DecodeBudget | None = None
 
     # -- lifecycle, on the event loop ----------------------------------
     def start(self) -> None:
@@ -367,6 +464,7 @@ class _Service:
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="imgsearch-decode")
         self.batcher = _Batcher(self._run_batch, self.max_batch, self.batch_window_s)
         self.batcher.start()
+        self.budget = _DecodeBudget(self.max_decode_bytes, self.decode_wait_s)
         # Not awaited: the server must answer /live while the model loads.
         loop.run_in_executor(self._encoder_thread, self._load)
 
@@ -384,6 +482,7 @@ class _Service:
         started = time.perf_counter()
         try:
             self.encoder.ensure_loaded()
+            self.weights_fingerprint = self.encoder.weights_fingerprint()
         except Exception as exc:
             # The service stays up to say why (/ready and /vectors answer 503
             # with this message) instead of exiting where nobody reads a log.
@@ -409,14 +508,15 @@ class _Service:
 
     # -- requests --------------------------------------------------------
     def meta(self) -> dict:
+        """What a client needs to know that its vectors match an index's;
+        no local paths (the weights are named by their fingerprint), and
+        nothing that costs more than reading a few attributes."""
         encoder = self.encoder
         return {
             "encoder": encoder.name,
             "dim": encoder.dim,
             "preprocessing": encoder.preprocessing.to_dict(),
-            "weights": encoder.weights,
-            # Only valid once loaded (some encoders hash the file while loading).
-            "weights_fingerprint": encoder.weights_fingerprint() if self.ready else None,
+            "weights_fingerprint": self.weights_fingerprint,
             "random_weights": encoder.random_weights,
             "precision": encoder.options().precision,
             "runtime": encoder.runtime_name,
@@ -425,6 +525,8 @@ class _Service:
             "max_batch": self.max_batch,
             "max_megapixels": self.max_megapixels,
             "max_body_bytes": self.max_body_bytes,
+            "formats": list(self.formats),
+            "max_decode_bytes": self.max_decode_bytes,
             # Since start, in this worker: how well requests share batches.
             "served": {"vectors": self.vectors, "batches": self.batches},
         }
@@ -436,18 +538,25 @@ class _Service:
             _check_content_type(request.headers.get("content-type"))
             if self.load_error is not None:
                 raise _Rejected(503, self.load_error)
+            prep = self.encoder.preprocessing
             with self.batcher.incoming():
-                body = await _read_body(request, self.max_body_bytes)
+                body = await _read_body(request, self.max_body_bytes, self.read_timeout_s)
                 body_read = True
-                ident, pixels = await loop.run_in_executor(
-                    self._decode_pool, _prepare, body, self.encoder.preprocessing, self.max_megapixels)
-                del body  # up to max_body_bytes; not needed while we wait for the encoder
+                ident, opened = await loop.run_in_executor(
+                    self._decode_pool, _open_request, body, prep, self.max_megapixels, self.formats)
+                del body  # up to max_body_bytes; not needed from here on
+                async with self.budget.hold(opened.estimate):
+                    pixels = await loop.run_in_executor(
+                        self._decode_pool, _decode_request, opened, prep, self.max_megapixels)
+                    del opened
                 future = self.batcher.submit(pixels)
             vector = await future
         except _Rejected as exc:
-            if body_read:
-                return _error(exc.status, exc.message)
-            return _AnswerThenDrain(exc.status, exc.message, max(4 * self.max_body_bytes, _DRAIN_MIN_BYTES))
+            # A body that timed out is not drained: its client is too slow to wait for.
+            if body_read or exc.status == 408:
+                return _error(exc.status, exc.message, exc.headers)
+            return _AnswerThenDrain(exc.status, exc.message, max(4 * self.max_body_bytes, _DRAIN_MIN_BYTES),
+                                    exc.headers)
         except Exception as exc:
             # Bad requests are all _Rejected above; anything else is a fault
             # of the encoder (or ours): a logged 500, and the service goes on.
@@ -459,23 +568,34 @@ class _Service:
 
 
 def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
                batch_window_s: float = DEFAULT_BATCH_WINDOW_S, max_batch: int | None = None,
-               decode_threads: int | None = None):
+               decode_threads: int | None = None, formats=imgs.DEFAULT_FORMATS,
+               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
+               read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
     """The ASGI app serving ``encoder`` (loaded or not: it loads in the
     background once the server starts).
 
     ``max_body_bytes``: larger requests get 413.  ``max_megapixels``: larger
-    images get 413, as ``index --max-megapixels`` skips them.
-    ``batch_window_s``: how long a batch may wait for requests already being
-    read or decoded (0: never).  ``max_batch``: images per encoder call
-    (default the encoder's own batch size).  ``decode_threads``: parallel
-    decodes (default the CPU count, at most 8).
+    images get 413, as ``index --max-megapixels`` skips them.  ``formats``:
+    the Pillow formats read (others get 415).  ``batch_window_s``: how long
+    a batch may wait for requests already being read or decoded (0: never).
+    ``max_batch``: images per encoder call (default the encoder's own batch
+    size).  ``decode_threads``: parallel decodes (default the CPU count, at
+    most 8).  ``max_decode_bytes``: bytes of decoding in flight at once, all
+    requests together; a request waits up to ``decode_wait_s`` for its share,
+    then gets 503.  ``read_timeout_s``: time allowed for a request's body.
     """
     max_batch = encoder.batch_size if max_batch is None else max_batch
     decode_threads = decode_threads or min(8, os.cpu_count() or 2)
+    formats = imgs.check_formats(formats)
     if not (isinstance(max_body_bytes, int) and max_body_bytes >= 1):
         raise UsageError("the body size limit must be a positive number of bytes")
+    if not (isinstance(max_decode_bytes, int) and max_decode_bytes >= 1):
+        raise UsageError("the decoding memory budget must be a positive number of bytes")
+    for name, value in (("decode wait", decode_wait_s), ("read timeout", read_timeout_s)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"the {name} must be a positive number of seconds")
     if not (max_megapixels > 0 and math.isfinite(max_megapixels)):
         raise UsageError("the megapixel limit must be a positive number")
     if not (batch_window_s >= 0 and math.isfinite(batch_window_s)):
@@ -484,7 +604,9 @@ def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         raise UsageError("the batch size and the decode threads must be at least 1")
 
     service = _Service(encoder, max_body_bytes=max_body_bytes, max_megapixels=max_megapixels,
-                       batch_window_s=batch_window_s, max_batch=max_batch, decode_threads=decode_threads)
+                       batch_window_s=batch_window_s, max_batch=max_batch, decode_threads=decode_threads,
+                       formats=formats, max_decode_bytes=max_decode_bytes, decode_wait_s=decode_wait_s,
+                       read_timeout_s=read_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -534,6 +656,73 @@ def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     return app
 
 
+# Set by run() (and in each worker process) before the server starts: uvicorn
+# builds protocols from a class it may pickle into workers, so these cannot
+# travel as arguments.
+_connection_limits = {"read_timeout_s": DEFAULT_READ_TIMEOUT_S, "max_connections": DEFAULT_MAX_CONNECTIONS}
+
+
+class _ServiceProtocol(H11Protocol):
+    """uvicorn's h11 protocol with the service's connection limits.
+
+    A connection whose request headers do not arrive within the read
+    timeout is closed: uvicorn times out only idle keep-alive connections,
+    and stops even that on the first byte, so a client sending headers a
+    byte a minute would hold its connection for ever.  Requests on more
+    than ``max_connections`` open connections get 503, as uvicorn's own
+    ``limit_concurrency`` would answer, but in JSON like every error here
+    (Weaviate parses the body before it looks at the status).
+    """
+
+    _header_timer = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.app = self._within_limit(self.app)
+
+    def _within_limit(self, app):
+        async def limited(scope, receive, send):
+            if len(self.connections) > _connection_limits["max_connections"]:
+                refusal = _AnswerThenDrain(503, "too many connections; try again shortly", _DRAIN_MIN_BYTES,
+                                           {"Retry-After": "1"})
+                return await refusal(scope, receive, send)
+            return await app(scope, receive, send)
+
+        return limited
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in
+            self._stop_waiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_headers()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        self._stop_waiting()
+        self._header_timer = self.loop.call_later(_connection_limits["read_timeout_s"], self._headers_too_slow)
+
+    def _stop_waiting(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket, or a one-line error (uvicorn would exit)."""
     try:
@@ -561,6 +750,7 @@ def _app_from_environment():
     from .runtime import RuntimeOptions
 
     spec = json.loads(os.environ[_SPEC_ENV])
+    _connection_limits.update(spec["connections"])
     encoder = load_registry(spec["plugins_dir"]).create(spec["encoder"], spec["weights"])
     # The parent cached the exported (and calibrated) model before starting
     # workers, so the calibration id alone finds it.
@@ -569,11 +759,13 @@ def _app_from_environment():
 
 
 def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1, *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_megapixels: float = imgs.DEFAULT_MAX_MEGAPIXELS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S, max_batch: int | None = None,
-        decode_threads: int | None = None, plugins_dir=None,
+        decode_threads: int | None = None, formats=imgs.DEFAULT_FORMATS,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, plugins_dir=None,
         graceful_timeout_s: float | None = DEFAULT_GRACEFUL_TIMEOUT_S,
-        limit_concurrency: int | None = None, log_level: str = "info", access_log: bool = True) -> None:
+        max_connections: int = DEFAULT_MAX_CONNECTIONS, log_level: str = "info", access_log: bool = True) -> None:
     """Serve ``encoder`` with uvicorn until SIGINT or SIGTERM.
 
     On a signal the server stops accepting connections, answers the requests
@@ -581,15 +773,23 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
     and returns.  ``workers > 1`` runs that many processes, each with its own
     copy of the model, rebuilt from the encoder's name and weights (pass
     ``plugins_dir`` when the encoder comes from a plugin file).
-    ``limit_concurrency``: connections plus requests above which uvicorn
-    answers 503 (None: no limit).
+    ``max_connections``: open connections (per worker) above which uvicorn
+    answers 503.  ``read_timeout_s`` also bounds the wait for a request's
+    headers; the other limits are :func:`create_app`'s.
     """
     if workers < 1:
         raise UsageError("workers must be at least 1")
+    if max_connections < 1:
+        raise UsageError("the connection limit must be at least 1")
     limits = {"max_body_bytes": max_body_bytes, "max_megapixels": max_megapixels,
-              "batch_window_s": batch_window_s, "max_batch": max_batch, "decode_threads": decode_threads}
-    options = {"log_level": log_level, "access_log": access_log, "lifespan": "on",
-               "timeout_graceful_shutdown": graceful_timeout_s, "limit_concurrency": limit_concurrency}
+              "batch_window_s": batch_window_s, "max_batch": max_batch, "decode_threads": decode_threads,
+              "formats": list(formats), "max_decode_bytes": max_decode_bytes, "decode_wait_s": decode_wait_s,
+              "read_timeout_s": read_timeout_s}
+    connections = {"read_timeout_s": read_timeout_s, "max_connections": max_connections}
+    _connection_limits.update(connections)
+    # The connection limit is _ServiceProtocol's, not uvicorn's limit_concurrency.
+    options = {"log_level": log_level, "access_log": access_log, "lifespan": "on", "http": _ServiceProtocol,
+               "timeout_graceful_shutdown": graceful_timeout_s}
     shown_host = f"[{host}]" if ":" in host else host
 
     with _stop_signals_end_run() as stop:
@@ -626,6 +826,7 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             "runtime": {"runtime": runtime_name, "precision": runtime.precision,
                         "calibration_id": runtime.calibration_id},
             "plugins_dir": str(plugins_dir) if plugins_dir else None, "limits": limits,
+            "connections": connections,
         })
         _uvicorn.run(f"{__name__}:_app_from_environment", factory=True, host=host, port=port,
                      workers=workers, **options)

@@ -160,6 +160,8 @@ def make_corpus(base: Path) -> Corpus:
     put_ref("green", green)
 
     put_good("panorama", "panorama.png", photo(4, (10000, 50)), "PNG")
+    # Decoded at an eighth of its size (draft mode), recorded at its own.
+    put_good("large", "large.jpg", photo(12, (3000, 2000)), "JPEG", quality=80)
     put_good("pixel", "pixel.png", Image.new("RGB", (1, 1), (10, 200, 30)), "PNG")
     for role, name, number in (("spaces", "with  spaces .jpg", 5), ("unicode", "café ☕.jpg", 6),
                                ("newline", "new\nline.jpg", 7)):
@@ -205,15 +207,24 @@ def make_corpus(base: Path) -> Corpus:
     (root / "iphone.heic").write_bytes(heic)
     bad[root / "iphone.heic"] = r"unsupported format.*heic"
     bad[loop / "self.jpg"] = r"symbolic link|symlink|loop"
+    # Formats Pillow reads but the README does not list: named on the
+    # command line (a folder walk passes over their suffixes), and one
+    # hiding behind an image suffix.  EPS would make Pillow run Ghostscript.
+    red_tile = Image.new("RGB", (24, 16), (220, 20, 20))
+    red_tile.save(root / "portable.ppm", "PPM")
+    red_tile.save(root / "targa.tga", "TGA")
+    (root / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 24 16\n%%EndComments\n"
+                                       b"newpath 0 0 moveto 24 16 lineto stroke\nshowpage\n%%EOF\n")
+    bad[root / "portable.ppm"] = r"unsupported format \(PPM is not among the formats read.*--image-formats"
+    bad[root / "targa.tga"] = r"unsupported format or not an image \(it might be TGA.*--image-formats"
+    bad[root / "drawing.png"] = r"unsupported format \(EPS is not among the formats read.*--image-formats"
 
-    return Corpus(root, [root / "iphone.heic"], good, bad, {root / "x.jpg", loop / "up.jpg"}, ref)
+    explicit = [root / "iphone.heic", root / "portable.ppm", root / "targa.tga"]
+    return Corpus(root, explicit, good, bad, {root / "x.jpg", loop / "up.jpg"}, ref)
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    # imgsearch raises Pillow's global bomb guard for --max-megapixels; keep
-    # that from leaking into other tests of this process.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+def corpus(tmp_path):
     return make_corpus(tmp_path)
 
 
@@ -239,15 +250,26 @@ def check_indexed(corpus: Corpus, index_dir):
         assert str(corpus.good["dup-b"]) in aliases
         assert aliases[str(corpus.good["dup-b"])].image_id == entries[str(corpus.good["dup-a"])].id
         assert set(entries) == {str(p) for role, p in corpus.good.items() if role != "dup-b"}
-        # every good file decodes to RGB at the size that was recorded
+        # every good file decodes to RGB; the size recorded is the picture's
+        # own, upright, whatever size it was decoded at
         for role, path in corpus.good.items():
             if role == "dup-b":
                 continue
             image = imgs.decode(imgs.read_bytes(path), draft_size=index.encoder.preprocessing.draft_size)
+            assert image.mode == "RGB", role
+            with Image.open(path) as stored:
+                turned = stored.getexif().get(0x0112, 1) >= 5
+                size = stored.size[::-1] if turned else stored.size
             entry = entries[str(path)]
-            assert image.mode == "RGB" and image.size == (entry.width, entry.height), role
-        assert (entries[str(corpus.good["panorama"])].width, entries[str(corpus.good["panorama"])].height) == (10000, 50)
-        assert (entries[str(corpus.good["pixel"])].width, entries[str(corpus.good["pixel"])].height) == (1, 1)
+            assert (entry.width, entry.height) == size, role
+
+        def size_of(role):
+            return entries[str(corpus.good[role])].width, entries[str(corpus.good[role])].height
+
+        assert size_of("panorama") == (10000, 50)
+        assert size_of("pixel") == (1, 1)
+        assert size_of("large") == (3000, 2000)
+        assert size_of("rotated") == size_of("upright") == (120, 200)
 
         def stored(role):
             return index.store.vectors([entries[str(corpus.good[role])].id])[0]
@@ -275,10 +297,10 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_indexed(tmp_path, corp
     result = run("index", *corpus.paths, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors)
     skipped = read_errors(errors)
     check_skips(corpus, skipped)
-    assert (len(corpus.good), len(corpus.bad)) == (17, 10)
+    assert (len(corpus.good), len(corpus.bad)) == (18, 13)
     good = len(corpus.good) - 1  # one of them is a duplicate
-    assert summary(result.stdout, index_dir) == (16, 0, 0, 0, 1, len(skipped), 16)
-    assert len(skipped) == 10 + len({str(p) for p in corpus.ignorable} & set(skipped))
+    assert summary(result.stdout, index_dir) == (good, 0, 0, 0, 1, len(skipped), good)
+    assert len(skipped) == 13 + len({str(p) for p in corpus.ignorable} & set(skipped))
     lines = result.stdout.splitlines()
     for path, reason in skipped.items():
         assert f"skipped: {path}: {reason}" in lines
@@ -377,4 +399,27 @@ def test_a_named_pipe_with_an_image_name_does_not_hang(tmp_path):
     done = run_process("index", root, pipe, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors)
     assert done.returncode == 0, done.stderr
     assert summary(done.stdout, index_dir)[0] == 1
-    assert set(read_errors(errors)) <= {str(pipe)}
+    # Reported, not silently passed over: found in the folder and named.
+    assert read_errors(errors) == {str(pipe): "not a regular file"}
+
+
+def test_more_formats_are_read_when_listed(tmp_path, corpus):
+    index_dir, errors = tmp_path / "ix", tmp_path / "errors.csv"
+    listed = {corpus.root / "portable.ppm", corpus.root / "targa.tga"}
+    run("index", *corpus.paths, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors,
+        "--image-formats", "jpeg,png,gif,tiff,ppm,tga")
+    check_skips(corpus, read_errors(errors), {p: r for p, r in corpus.bad.items() if p not in listed})
+    from imgsearch.store import Store
+
+    with Store.open(index_dir) as store:
+        entries = store.by_path()
+    assert {str(p) for p in listed} <= set(entries)
+    assert {(entries[str(p)].width, entries[str(p)].height) for p in listed} == {(24, 16)}
+    # A folder walk takes the suffixes of the listed formats too.
+    walked = tmp_path / "walked"
+    walked.mkdir()
+    Image.new("RGB", (24, 16), (20, 20, 220)).save(walked / "blue.ppm", "PPM")
+    result = run("index", walked, "--index", tmp_path / "ix2", "--encoder", "tiny-color", "--image-formats", "PPM")
+    assert summary(result.stdout, tmp_path / "ix2")[0] == 1
+    error = run("index", walked, "--index", tmp_path / "ix3", "--image-formats", "PPM,NOPE", code=2).stderr
+    assert "unknown image format 'NOPE'" in error

@@ -9,6 +9,7 @@ end to end in test_end_to_end.py.
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -107,8 +108,14 @@ def test_classify_formats(index_dir):
     assert [r["path"] for r in records] == queries
     for record in records:
         assert record["label"] in CLASSES
-        assert 0.2 <= record["confidence"] <= 1.0
         assert len(record["neighbors"]) == 5
+        # The winner's share of exp(score / 0.07) over the five neighbours,
+        # and no label has a larger share.
+        weights = {}
+        for neighbour in record["neighbors"]:
+            weights[neighbour["label"]] = weights.get(neighbour["label"], 0.0) + math.exp(neighbour["score"] / 0.07)
+        assert record["confidence"] == pytest.approx(weights[record["label"]] / sum(weights.values()), abs=1e-4)
+        assert weights[record["label"]] == max(weights.values())
         assert set(record["neighbors"][0]) == {"rank", "path", "score", "label"}
     majority = [json.loads(line) for line in run("classify", *queries, "--index", index_dir, "-k", "5", "--vote", "majority", "--format", "json").stdout.splitlines()]
     for record in majority:

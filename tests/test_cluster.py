@@ -260,7 +260,7 @@ def _spec(**changes):
 
     encoder = load_registry(RAY_PLUGINS).create("paced-color")
     encoder.use_runtime(RuntimeOptions()).ensure_loaded()
-    spec = spec_for(encoder, plugins_dir=RAY_PLUGINS, max_megapixels=100, batch_size=8)
+    spec = spec_for(encoder, plugins_dir=RAY_PLUGINS, max_megapixels=100, formats=("PNG",), batch_size=8)
     assert spec.version == __version__ and spec.ran_as == "native"
     return asdict(replace(spec, **changes))
 

@@ -1,6 +1,7 @@
 """Decoding real image files of many kinds, and finding them on disk."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -117,3 +118,122 @@ def test_discover_walks_folders_labels_by_parent_and_reports_missing(tmp_path):
     files, skipped = imgs.discover([tmp_path / "root", tmp_path / "root" / "top.jpg", tmp_path / "nope"])
     assert [(f.path.name, f.label) for f in files] == [("top.jpg", None), ("a.PNG", "cats"), ("b.jpg", "cats")]
     assert [(s.path.name, s.reason) for s in skipped] == [("nope", "no such file or folder")]
+
+
+def test_a_larger_limit_leaves_pillows_own_guard_alone(monkeypatch):
+    # Pillow's guard is one setting for the whole process; ours is per call.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)
+    before = Image.MAX_IMAGE_PIXELS
+    data = _encode(Image.new("1", (12000, 12000)), "PNG")
+    assert imgs.decode(data, max_megapixels=200).size == (12000, 12000)
+    assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(imgs.DecodeError, match="too large"):
+        imgs.decode(data, max_megapixels=100)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_the_size_given_is_the_files_own_not_the_reduced_decoding(photo):
+    from imgsearch.preprocessing import Preprocessing
+
+    big = photo.resize((4000, 3000))
+    pixels, size = imgs.to_pixels(_encode(big, "JPEG", quality=90), Preprocessing())
+    assert size == (4000, 3000) and pixels.shape == (224, 224, 3)
+    pixels, size = imgs.to_pixels(_encode(big, "PNG"), Preprocessing())
+    assert size == (4000, 3000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: the upright picture is tall
+    _, size = imgs.to_pixels(_encode(big, "JPEG", exif=exif), Preprocessing())
+    assert size == (3000, 4000)
+
+
+def test_16_bit_images_are_scaled_strip_by_strip_exactly():
+    # 2400x1800 spans several strips; every value must land where a
+    # whole-image conversion puts it: value * 255 // 65535.
+    ramp = (np.arange(2400 * 1800, dtype=np.uint64) * 7919 % 65536).astype(np.uint16).reshape(1800, 2400)
+    out = np.asarray(imgs.decode(_encode(Image.fromarray(ramp), "PNG")))
+    expected = (ramp.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    assert out.shape == (1800, 2400, 3)
+    np.testing.assert_array_equal(out[..., 1], expected)
+    # Reduced while decoding: the average of the converted pixels.
+    small = np.asarray(imgs.decode(_encode(Image.fromarray(ramp), "PNG"), draft_size=(256, 256)))
+    assert small.shape == (258, 343, 3)  # 7 times smaller: 1800 // 256
+    reference = np.asarray(Image.fromarray(expected, "L").reduce(7))
+    np.testing.assert_array_equal(small[..., 0], reference)
+
+
+def test_transparency_is_composited_before_reducing():
+    # Left half opaque red, right half fully transparent (hiding black).
+    rgba = np.zeros((1500, 3000, 4), np.uint8)
+    rgba[:, :1500] = (255, 0, 0, 255)
+    out = np.asarray(imgs.decode(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), draft_size=(256, 256)))
+    assert out.shape == (300, 600, 3)  # 5 times smaller: 1500 // 256
+    assert (out[:, :300] == (255, 0, 0)).all() and (out[:, 300:] == 255).all()
+
+
+@pytest.mark.slow
+def test_decoding_a_100_megapixel_16_bit_or_transparent_png_takes_bounded_memory(tmp_path):
+    # In a fresh process, so its peak memory is this decoding's own.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import struct, sys, zlib
+        from imgsearch import images as imgs
+        from imgsearch.preprocessing import Preprocessing
+
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        depth, colour, pixel = {"grey16": (16, 0, b"\\x80\\x80"), "rgba": (8, 6, b"\\x20\\x80\\xc0\\x80")}[sys.argv[1]]
+        row = b"\\x00" + pixel * 10000
+        packer = zlib.compressobj(9)
+        idat = b"".join(packer.compress(row * 100) for _ in range(100)) + packer.flush()
+        data = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, depth, colour, 0, 0, 0))
+                + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+        pixels, size = imgs.to_pixels(data, Preprocessing())
+        assert size == (10000, 10000) and pixels.shape == (224, 224, 3)
+        print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+    """)
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc")
+    for kind, decoded_mib in (("grey16", 200), ("rgba", 400)):
+        done = subprocess.run([sys.executable, "-c", code, kind], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        peak = int(done.stdout.split()[-1]) / 1024
+        # The decoded pixels themselves (Pillow keeps 2 bytes a pixel for
+        # 16-bit grey, 4 for RGBA), the interpreter, and a little more:
+        # no float64 or full-size RGB copies (2.5 GB and 1.9 GB before).
+        assert peak < decoded_mib + 100, (kind, peak)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI", "ICO", "DDS", "QOI"])
+def test_only_the_documented_formats_are_read_unless_asked(fmt):
+    data = _encode(Image.new("RGB", (30, 20), (200, 10, 10)), fmt)
+    with pytest.raises(imgs.DecodeError, match=f"{fmt}.*not among the formats read.*image-formats") as caught:
+        imgs.decode(data)
+    assert caught.value.kind == "format"
+    out = imgs.decode(data, formats=imgs.check_formats([fmt.lower()]))
+    with Image.open(io.BytesIO(data)) as reference:  # ICO keeps a size of its own
+        assert out.size == reference.size and out.getpixel((5, 5)) == (200, 10, 10)
+
+
+def test_eps_bytes_never_reach_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\n%%EndComments\n"
+           b"newpath 0 0 moveto 20 20 lineto stroke\nshowpage\n%%EOF\n")
+    with pytest.raises(imgs.DecodeError, match=r"EPS is not among the formats read"):
+        imgs.decode(eps)
+
+
+def test_unknown_format_names_are_refused():
+    from imgsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown image format 'NOPE'"):
+        imgs.check_formats(["jpeg", "nope"])
+    assert imgs.check_formats([" png", "JPEG", "png"]) == ("PNG", "JPEG")

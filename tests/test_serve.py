@@ -174,7 +174,11 @@ def test_import_without_fastapi_says_how_to_install(monkeypatch):
 def test_protocol_with_the_test_encoder(tiny, tmp_path, monkeypatch):
     from imgsearch import serve
 
-    monkeypatch.chdir(tmp_path)
+    # Deep enough that the ids' "../../evil/..." stays inside tmp_path, where
+    # a file written under that name would be seen.
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
     before = sorted(tmp_path.rglob("*"))
     with Running(serve.create_app(tiny)) as running:
         assert running.call("GET", "/.well-known/live") == (204, None)
@@ -186,6 +190,7 @@ def test_protocol_with_the_test_encoder(tiny, tmp_path, monkeypatch):
         assert meta["weights_fingerprint"] == "tiny-color-v1"
         assert meta["imgsearch_version"] == imgsearch.__version__
         assert meta["ready"] is True
+        assert meta["formats"] == ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 
         data = PHOTOS[0].read_bytes()
         expected = library_vectors(tiny, [data])[0]
@@ -205,6 +210,7 @@ def test_protocol_with_the_test_encoder(tiny, tmp_path, monkeypatch):
         assert status == 200
         np.testing.assert_array_equal(np.asarray(reply["vector"], np.float32), expected)
     assert sorted(tmp_path.rglob("*")) == before, "the service wrote files"
+    assert not (tmp_path / "evil").exists()
 
 
 @needs_stack
@@ -349,6 +355,108 @@ def test_limits_are_checked(tiny):
     for bad in ({"max_body_bytes": 0}, {"max_megapixels": 0.0}, {"batch_window_s": -1.0}, {"max_batch": 0}):
         with pytest.raises(UsageError):
             serve.create_app(tiny, **bad)
+
+
+@needs_stack
+def test_meta_names_no_local_path_and_hashes_the_weights_once(registry, tmp_path):
+    from imgsearch import serve
+
+    weights = tmp_path / "private" / "weights.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(b"not really weights")
+    calls = []
+
+    class Fingerprinted(registry.get("tiny-color")):
+        def weights_fingerprint(self):
+            calls.append(1)  # real encoders may hash a large file here
+            return "sha256:" + "0" * 64
+
+    encoder = Fingerprinted(str(weights))
+    with Running(serve.create_app(encoder)) as running:
+        deadline = time.monotonic() + 10
+        while running.call("GET", "/.well-known/ready")[0] != 204:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        answers = [running.call("GET", "/meta") for _ in range(5)]
+    assert all(status == 200 for status, _ in answers)
+    meta = answers[0][1]
+    assert meta["weights_fingerprint"] == "sha256:" + "0" * 64
+    assert meta["encoder"] == "tiny-color" and meta["dim"] == 48 and "preprocessing" in meta
+    text = json.dumps(meta)
+    assert str(tmp_path) not in text and "weights.bin" not in text and "private" not in text
+    assert len(calls) == 1, f"the fingerprint was computed {len(calls)} times"
+
+
+@needs_stack
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "EPS"])
+def test_formats_outside_the_list_are_refused_unless_listed(tiny, fmt):
+    from imgsearch import serve
+
+    if fmt == "EPS":
+        data = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\n%%EndComments\n"
+                b"newpath 0 0 moveto 20 20 lineto stroke\nshowpage\n%%EOF\n")
+    else:
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(buffer, fmt)
+        data = buffer.getvalue()
+    with Running(serve.create_app(tiny)) as running:
+        status, reply = running.call("POST", "/vectors", body_of(data))
+        assert status == 415, reply
+        assert fmt in reply["error"] and "not among the formats read" in reply["error"], reply
+    if fmt != "EPS":  # reading EPS needs Ghostscript
+        with Running(serve.create_app(tiny, formats=["jpeg", "png", fmt.lower()])) as running:
+            expected = library_vectors(tiny, [png_bytes((20, 20), (200, 30, 30))])[0]
+            np.testing.assert_allclose(running.vector(data), expected, atol=1e-6)
+
+
+@needs_stack
+def test_decoding_waits_for_the_memory_budget_then_gets_503(tiny, monkeypatch):
+    from imgsearch import serve
+
+    slow = threading.Event()
+    original = imgs.pixels_of
+
+    def slow_pixels(*args, **kwargs):
+        slow.wait(2)  # holds its share of the budget meanwhile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(serve.imgs, "pixels_of", slow_pixels)
+    data = png_bytes((400, 300))
+    estimate = imgs.open_image(data, draft_size=tiny.preprocessing.draft_size).estimate
+    # Room for one image at a time, and a short wait.
+    app = serve.create_app(tiny, max_decode_bytes=estimate + estimate // 2, decode_wait_s=0.3)
+    with Running(app) as running, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(running.call, "POST", "/vectors", body_of(data, "first"))
+        time.sleep(0.5)
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        conn.request("POST", "/vectors", body=body_of(data, "second"))
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+        assert response.status == 503 and response.getheader("Retry-After") == "1", reply
+        assert "try again" in reply["error"]
+        conn.close()
+        slow.set()
+        assert first.result(30)[0] == 200
+        # Once the budget is free again, the next request goes through.
+        assert running.call("POST", "/vectors", body_of(data, "third"))[0] == 200
+        assert running.service.budget.peak <= estimate + estimate // 2
+
+
+@needs_stack
+def test_a_body_that_does_not_arrive_in_time_gets_408(tiny):
+    from imgsearch import serve
+
+    with Running(serve.create_app(tiny, read_timeout_s=0.5)) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(b"POST /vectors HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"id\": ")
+            started = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert time.monotonic() - started < 5
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 0.5 s" in answer
+        _still_serves(running)
 
 
 @needs_stack
@@ -724,3 +832,132 @@ def test_the_serve_vectorizer_command(tmp_path):
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert f"serving tiny-color (48-d) on http://127.0.0.1:{port}" in err
+
+
+# -- memory, connections and timeouts under hostile load ------------------------------
+
+def solid_png(width: int, height: int, depth: int, colour_type: int, pixel: bytes) -> bytes:
+    """A valid PNG of one colour, made row by row: a few hundred kilobytes
+    however many megapixels, and no memory to make."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + pixel * width  # filter byte, then the pixels
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row * 100) for _ in range(height // 100))
+    idat += packer.compress(row * (height % 100)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def grey16_png(width, height) -> bytes:
+    return solid_png(width, height, 16, 0, b"\x80\x80")
+
+
+def rgba_png(width, height) -> bytes:
+    return solid_png(width, height, 8, 6, b"\x20\x80\xc0\x80")  # half transparent
+
+
+def _start_command(*options):
+    """`imgsearch serve-vectorizer` with the test encoder in its own process:
+    (process, port), once it is ready."""
+    import shutil
+
+    port = _free_port()
+    exe = shutil.which("imgsearch", path=os.path.dirname(sys.executable)) or shutil.which("imgsearch")
+    process = subprocess.Popen([exe, "--plugins-dir", str(PLUGINS_DIR), "serve-vectorizer", "--encoder", "tiny-color",
+                                "--port", str(port), *options],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if call(port, "GET", "/.well-known/ready", timeout=5)[0] == 204:
+                return process, port
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the service did not start: {process.communicate()[1]}")
+        time.sleep(0.1)
+
+
+def _stop_command(process) -> str:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=30)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _peak_memory_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no VmHWM in /proc on this system")
+
+
+# The README's figure: what the service may hold with its default limits,
+# the decoding budget (512 MiB) and the process itself (about 60 MiB).
+SERVICE_PEAK_BOUND_MIB = 640
+
+
+@needs_stack
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_large_16_bit_and_transparent_images_keep_the_service_memory_bounded():
+    # Solid pictures of 40 megapixels (the default limit): 16-bit grey once
+    # took float64 copies and transparent ones a second full-size image.
+    grey, rgba = grey16_png(8000, 5000), rgba_png(8000, 5000)
+    assert len(grey) < 300_000 and len(rgba) < 600_000  # small requests, large pictures
+    process, port = _start_command()
+    try:
+        # One of each alone, then a burst of eight at once.
+        for data in (grey, rgba):
+            status, reply = call(port, "POST", "/vectors", body_of(data, "alone"), timeout=120)
+            assert status == 200, reply
+        burst = [grey, rgba] * 4
+        with ThreadPoolExecutor(len(burst)) as pool:
+            answers = list(pool.map(lambda d: call(port, "POST", "/vectors", body_of(d), timeout=120), burst))
+        peak = _peak_memory_mib(process.pid)
+        print(f"service peak memory after the burst: {peak:.0f} MiB")
+        # Each is embedded, or told to come back later when the budget is spent.
+        for status, reply in answers:
+            assert status in (200, 503), reply
+        assert sum(status == 200 for status, _ in answers) >= 1
+        assert peak < SERVICE_PEAK_BOUND_MIB, f"peak {peak:.0f} MiB"
+        # Beyond the network service's default of 40 megapixels: refused unread.
+        status, reply = call(port, "POST", "/vectors", body_of(grey16_png(10000, 10000)), timeout=120)
+        assert status == 413 and "limit 40" in reply["error"], reply
+    finally:
+        _stop_command(process)
+
+
+@needs_stack
+@pytest.mark.slow
+def test_connections_are_limited_and_slow_headers_cut_off():
+    process, port = _start_command("--max-connections", "3", "--read-timeout", "1")
+    try:
+        # Headers that never finish: the connection is closed after the
+        # read timeout, not held for ever.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /vectors HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert slow.recv(1024) == b""
+            assert time.monotonic() - started < 5
+        # Connections beyond the limit get 503 instead of more memory.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            status, reply = call(port, "POST", "/vectors", body_of(png_bytes()))
+            assert status == 503, reply
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.2)
+        assert call(port, "POST", "/vectors", body_of(png_bytes()))[0] == 200
+    finally:
+        _stop_command(process)
