@@ -58,7 +58,7 @@ class WorkerSpec:
     preprocessing: dict
     runtime: str
     precision: str
-    ran_as: str  # the driver's runtime and precision: workers must run the same
+    ran_as: str  # the precision the driver's encoder runs at: workers must run the same
     plugins_dir: str | None
     version: str
     max_megapixels: float
@@ -66,7 +66,14 @@ class WorkerSpec:
     batch_size: int
 
 
-def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size: int) -> WorkerSpec:
+def effective_precision(runtime_name: str) -> str:
+    """The precision behind a runtime name (``openvino-bf16`` -> bf16;
+    Keras and an encoder's own code run fp32)."""
+    return runtime_name.rpartition("-")[2] if runtime_name.startswith("openvino-") else "fp32"
+
+
+def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size: int,
+             gpus_per_actor: float = 0.0) -> WorkerSpec:
     from . import __version__
 
     options = encoder.options()
@@ -76,10 +83,11 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size
         raise UsageError("--ray cannot add to an int8 index yet; index it without --ray, "
                          "or use fp32 or bf16")
     runtime = options.runtime
-    if encoder.runtime_name == "keras":
-        runtime = "keras"  # what ran here, so that workers make the same vectors
+    if gpus_per_actor and runtime == "auto" and options.precision == "fp32":
+        runtime = "keras"  # OpenVINO runs on CPUs; TensorFlow uses the actor's GPU
     return WorkerSpec(encoder.name, encoder.weights, encoder.weights_fingerprint(),
-                      encoder.preprocessing.to_dict(), runtime, options.precision, encoder.runtime_name,
+                      encoder.preprocessing.to_dict(), runtime, options.precision,
+                      effective_precision(encoder.runtime_name),
                       str(os.path.abspath(plugins_dir)) if plugins_dir else None, __version__,
                       max_megapixels, tuple(formats), batch_size)
 
@@ -113,8 +121,10 @@ def _quiet_ray():
     """Ray logs each step of starting a cluster and running a dataset, from
     Python and from its C++ core; the driver shows a bar of its own, and
     problems reach the user as one-line errors instead."""
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Ray Data logs a failed run with its traceback; the error reaches the
+    # user as one line from the driver.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     yield
 
 
@@ -207,19 +217,25 @@ def check_nodes(ray, spec: WorkerSpec) -> list[dict]:
     if late:
         raise ClusterError(f"node {pending[late[0]]['NodeManagerAddress']} did not answer within "
                            f"{PROBE_TIMEOUT_S} s")
+    usable = []
     for ref in ready:
-        where = pending[ref]["NodeManagerAddress"]
+        node = pending[ref]
         try:
             problem = ray.get(ref)
         except Exception as exc:
             text = str(exc)
+            if "doesn't exist any more" in text or isinstance(exc, ray.exceptions.NodeDiedError):
+                continue  # a node lost moments ago, not yet marked dead: the others carry on
             if "No module named 'imgsearch" in text:
                 problem = f"imgsearch is not installed there; {INSTALL_HINT} on every node"
             else:
                 problem = first_line(exc)
         if problem:
-            raise ClusterError(f"Ray node {where} cannot run the encoder: {problem}")
-    return nodes
+            raise ClusterError(f"Ray node {node['NodeManagerAddress']} cannot run the encoder: {problem}")
+        usable.append(node)
+    if not usable:
+        raise ClusterError("the Ray cluster has no live nodes")
+    return usable
 
 
 def _actor_plan(nodes: list[dict], gpus_per_actor: float) -> tuple[int, dict]:
@@ -341,6 +357,18 @@ def _pipeline(ray, paths, spec, actors, resources):
     )
 
 
+def _batches(ray, dataset):
+    """The dataset's batches; a lost node or worker becomes a one-line error."""
+    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    except lost as exc:
+        raise ClusterError(f"a Ray worker or node was lost ({type(exc).__name__})") from None
+    except ray.exceptions.RayError as exc:
+        raise ClusterError(f"the Ray run failed ({first_line(exc)})") from None
+
+
 def embed(ray, paths: list[str], spec: WorkerSpec, *, gpus_per_actor: float = 0.0):
     """Yield an :class:`Embedded` for each path, in the order given."""
     if not paths:
@@ -358,15 +386,14 @@ def embed(ray, paths: list[str], spec: WorkerSpec, *, gpus_per_actor: float = 0.
         # replacement yet); the extra pins Ray below the release that drops it.
         warnings.simplefilter("ignore", DeprecationWarning)
         dataset = _pipeline(ray, paths, spec, actors, resources)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    for batch in _batches(ray, dataset):
         for row in range(len(batch["path"])):
             reason = batch["reason"][row] or None
-            if batch["runtime"][row] != spec.ran_as:
-                # bf16 falls back to fp32 on CPUs without it, OpenVINO to
-                # Keras where it is missing: vectors must all be made alike.
-                raise ClusterError(f"a Ray worker runs {spec.encoder} as {batch['runtime'][row]}, this "
-                                   f"machine as {spec.ran_as}; install the same runtime on every node "
-                                   "(or pass the --runtime and --precision that both can run)")
+            if effective_precision(batch["runtime"][row]) != spec.ran_as:
+                # bf16 falls back to fp32 on CPUs without it: an index's
+                # vectors must all be made at one precision.
+                raise ClusterError(f"a Ray worker runs {spec.encoder} as {batch['runtime'][row]}, but this "
+                                   f"machine at {spec.ran_as}; use a --precision that every node can run")
             yield Embedded(str(batch["path"][row]), str(batch["sha256"][row]), int(batch["size"][row]),
                            float(batch["mtime"][row]), int(batch["width"][row]), int(batch["height"][row]),
                            None if reason else batch["vector"][row], reason)

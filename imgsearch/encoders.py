@@ -147,6 +147,12 @@ class Encoder:
         always runs through :meth:`load` and :meth:`embed_batch`."""
         raise NotImplementedError
 
+    @classmethod
+    def offers_model(cls) -> bool:
+        """Whether :meth:`build_model` is implemented (so that the encoder
+        can run through OpenVINO and at other precisions)."""
+        return cls.build_model is not Encoder.build_model
+
     def load(self) -> None:
         """Build the model and load the weights; raise WeightsError with a
         one-line message when that is impossible."""

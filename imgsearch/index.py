@@ -416,7 +416,7 @@ class Index:
                     plugins_dir = (self.registry.plugins_dir if self.registry.from_plugins_dir(encoder.name)
                                    else None)
                     spec = cluster.spec_for(encoder, plugins_dir=plugins_dir, max_megapixels=max_megapixels,
-                                            formats=formats, batch_size=batch_size)
+                                            formats=formats, batch_size=batch_size, gpus_per_actor=ray_gpus)
                     source = self._embedded_remotely(session, files, spec, sync, ray_gpus)
                 else:
                     # Files are read and decoded ahead in worker threads while

@@ -152,9 +152,7 @@ def openvino_available() -> bool:
 
 def exportable(encoder) -> bool:
     """Whether the encoder offers a Keras model that can be exported."""
-    from .encoders import Encoder
-
-    return type(encoder).build_model is not Encoder.build_model
+    return encoder.offers_model()
 
 
 def check_offered(encoder, precision: str, runtime: str = "auto") -> None:

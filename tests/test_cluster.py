@@ -50,43 +50,74 @@ def _listening(port: int) -> bool:
         return False
 
 
+class TwoNodes:
+    """A head node and a second node, one CPU each, on loopback."""
+
+    def __init__(self, workdir: Path, cache: Path, pace_s: float = 0.15):
+        token = workdir / "token"
+        token.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    # the nodes' workers find the encoders' exported models here
+                    "IMGSEARCH_CACHE_DIR": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3",
+                    # the time paced-color takes for a batch of 8 on the nodes
+                    "IMGSEARCH_TEST_PACE_S": str(pace_s)}
+        self.env.pop("IMGSEARCH_TEST_DRIVER_ONLY", None)
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"]
+        # A session of its own per node: killing its process group is
+        # losing the machine.
+        quiet = dict(env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.nodes.append(subprocess.Popen(
+                [BIN / "ray", "start", "--head", "--port", str(self.port), "--include-dashboard=false",
+                 "--ray-client-server-port", str(_free_port()), *common], **quiet))
+            _wait_for(lambda: _listening(self.port), "the Ray head node's start")
+            self.nodes.append(subprocess.Popen([BIN / "ray", "start", "--address", self.address, *common], **quiet))
+            _wait_for(lambda: self.alive() == 2, "the second Ray node's joining")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def alive(self) -> int:
+        count = [sys.executable, "-c", "import ray; ray.init(logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))"]
+        out = subprocess.run(count, env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True,
+                             text=True, timeout=60).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def lose_second_node(self) -> None:
+        """Kill every process of the second node at once, as a crash would."""
+        node = self.nodes.pop()
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    @staticmethod
+    def _stop(node: subprocess.Popen) -> None:
+        node.send_signal(signal.SIGTERM)  # 'ray start --block' then stops what it started
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:  # it waits for drivers that were killed
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+    def __exit__(self, *exc):
+        for node in self.nodes:  # all at once: a head waits for its nodes otherwise
+            node.send_signal(signal.SIGTERM)
+        while self.nodes:
+            self._stop(self.nodes.pop())
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, _session_cache):
     """``(address, env)``: a two-node cluster and the environment a driver
     needs to join it."""
-    token = tmp_path_factory.mktemp("ray") / "token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           # the nodes' workers find the encoders' exported models here
-           "IMGSEARCH_CACHE_DIR": str(_session_cache), "TF_CPP_MIN_LOG_LEVEL": "3",
-           # paced-color on the nodes takes 0.15 s a batch of 8
-           "IMGSEARCH_TEST_PACE_S": "0.15"}
-    env.pop("IMGSEARCH_TEST_DRIVER_ONLY", None)
-    port = _free_port()
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
-    nodes = []
-    try:
-        nodes.append(subprocess.Popen(
-            [BIN / "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--include-dashboard=false", "--ray-client-server-port", str(_free_port()), *common],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for(lambda: _listening(port), "the Ray head node's start")
-        nodes.append(subprocess.Popen(
-            [BIN / "ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        count = [sys.executable, "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))"]
-        _wait_for(lambda: subprocess.run(count, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                                         capture_output=True, text=True).stdout.strip() == "2",
-                  "the second Ray node's joining")
-        yield f"127.0.0.1:{port}", env
-    finally:
-        for node in reversed(nodes):  # the second node, then the head
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(60)
-            except subprocess.TimeoutExpired:
-                node.kill()
+    with TwoNodes(tmp_path_factory.mktemp("ray"), _session_cache) as nodes:
+        yield nodes.address, nodes.env
 
 
 def imgsearch(*args, env=None, plugins=RAY_PLUGINS, timeout=300, wait=True):
@@ -198,6 +229,39 @@ def test_a_killed_driver_loses_only_the_uncommitted_step(cluster, tmp_path):
     assert_same_index(tmp_path / "local", index)
 
 
+def test_a_lost_node_ends_the_run_and_the_next_run_completes(tmp_path, _session_cache):
+    photos = _many_photos(tmp_path / "many", 320)
+    index = tmp_path / "ix"
+    # 40 batches at 0.5 s, two at a time: the run takes 10 s and more.
+    with TwoNodes(tmp_path, _session_cache, pace_s=0.5) as nodes:
+        run = imgsearch("index", photos, "--index", index, "--encoder", "paced-color", "--commit-every", "16",
+                        "--ray", nodes.address, env=nodes.env, wait=False)
+        _wait_for(lambda: _committed(index) >= 16 or run.poll() is not None, "a first commit")
+        assert run.poll() is None, "the run ended before its first commit: nothing was tested"
+        nodes.lose_second_node()
+        assert run.poll() is None, "the run ended before the node was gone: nothing was tested"
+        try:
+            out, err = run.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            pytest.fail("the run hung after losing a node")
+        # Actors are not restarted: the run ends, keeping what came back.
+        assert run.returncode == 1, out
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert "a Ray worker or node was lost" in errors[0], errors[0]
+        assert "run the same command again to resume" in errors[0], errors[0]
+        committed = _committed(index)
+        assert committed >= 16
+        # The head may still list the lost node (it notices by missed
+        # heartbeats): the run goes on with the nodes that answer.
+        resumed = imgsearch("index", photos, "--index", index, "--ray", nodes.address, env=nodes.env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"unchanged {committed}," in resumed.stdout and f"added {320 - committed}," in resumed.stdout
+    verified = imgsearch("verify", "--index", index)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def test_a_local_cluster_started_for_the_run(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     remote = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "remote", "--encoder",
@@ -261,8 +325,15 @@ def _spec(**changes):
     encoder = load_registry(RAY_PLUGINS).create("paced-color")
     encoder.use_runtime(RuntimeOptions()).ensure_loaded()
     spec = spec_for(encoder, plugins_dir=RAY_PLUGINS, max_megapixels=100, formats=("PNG",), batch_size=8)
-    assert spec.version == __version__ and spec.ran_as == "native"
+    assert spec.version == __version__ and spec.ran_as == "fp32"
     return asdict(replace(spec, **changes))
+
+
+def test_precisions_behind_runtime_names():
+    from imgsearch.cluster import effective_precision
+
+    assert [effective_precision(name) for name in ("openvino-bf16", "openvino-int8", "openvino-fp32", "keras",
+                                                     "native")] == ["bf16", "int8", "fp32", "fp32", "fp32"]
 
 
 def test_a_node_that_can_run_the_encoder_says_so():
