@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ray_nodes import TwoNodes  # noqa: E402  (the tests' cluster on loopback)
 SUFFIXES = {".jpg", ".jpeg", ".png", ".JPEG"}
 
 
@@ -66,59 +65,6 @@ def timed(args, env) -> float:
     if result.returncode:
         sys.exit(f"imgsearch {' '.join(map(str, args))} failed:\n{result.stderr}")
     return seconds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TwoNodes:
-    """A head and a second node of one CPU each on loopback; stopping the
-    two ``ray start --block`` commands stops everything they started."""
-
-    def __init__(self, workdir: Path):
-        token = workdir / "ray-token"
-        token.write_text(secrets.token_hex(32))
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.nodes: list[subprocess.Popen] = []
-
-    def __enter__(self):
-        common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"]
-        quiet = dict(env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.nodes.append(subprocess.Popen([BIN / "ray", "start", "--head", "--port", str(self.port),
-                                            "--include-dashboard=false", *common], **quiet))
-        self._wait(lambda: _listening(self.port))
-        self.nodes.append(subprocess.Popen([BIN / "ray", "start", "--address", self.address, *common], **quiet))
-        probe = [sys.executable, "-c", "import ray; ray.init(logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))"]
-        self._wait(lambda: subprocess.run(probe, env={**self.env, "RAY_ADDRESS": self.address},
-                                          capture_output=True, text=True).stdout.strip() == "2")
-        return self
-
-    @staticmethod
-    def _wait(condition, deadline: float = 90.0):
-        end = time.monotonic() + deadline
-        while not condition():
-            if time.monotonic() > end:
-                sys.exit("the two-node Ray cluster did not start")
-            time.sleep(0.3)
-
-    def __exit__(self, *exc):
-        for node in reversed(self.nodes):
-            node.send_signal(signal.SIGTERM)
-            node.wait(60)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _folder(way: str, round_: int) -> str:

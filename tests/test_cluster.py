@@ -1,16 +1,12 @@
 """Indexing on a Ray cluster (``index --ray``) against a local run.
 
-A real two-node Ray cluster runs on loopback for this module: a head node and
-a second node, one CPU each, started with ``ray start --block`` (so that
-stopping those two commands stops every process they started) and token
-authentication switched on, as a cluster on a network should have it.
+A real two-node Ray cluster (:class:`ray_nodes.TwoNodes`) runs on loopback
+for this module, with token authentication switched on, as a cluster on a
+network should have it.
 """
 
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DATA, kill_when
+from ray_nodes import TwoNodes, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,95 +25,11 @@ RAY_PLUGINS = Path(__file__).resolve().parent / "plugins_ray"
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(condition, what: str, deadline: float = 60.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"{what} did not happen within {deadline:.0f} s")
-        time.sleep(0.2)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-class TwoNodes:
-    """A head node and a second node, one CPU each, on loopback."""
-
-    def __init__(self, workdir: Path, cache: Path, pace_s: float = 0.15):
-        token = workdir / "token"
-        token.write_text(secrets.token_hex(32))
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    # the nodes' workers find the encoders' exported models here
-                    "IMGSEARCH_CACHE_DIR": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3",
-                    # the time paced-color takes for a batch of 8 on the nodes
-                    "IMGSEARCH_TEST_PACE_S": str(pace_s)}
-        self.env.pop("IMGSEARCH_TEST_DRIVER_ONLY", None)
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.nodes: list[subprocess.Popen] = []
-
-    def __enter__(self):
-        common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"]
-        # A session of its own per node: killing its process group is
-        # losing the machine.
-        quiet = dict(env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            self.nodes.append(subprocess.Popen(
-                [BIN / "ray", "start", "--head", "--port", str(self.port), "--include-dashboard=false",
-                 "--ray-client-server-port", str(_free_port()), *common], **quiet))
-            _wait_for(lambda: _listening(self.port), "the Ray head node's start")
-            self.nodes.append(subprocess.Popen([BIN / "ray", "start", "--address", self.address, *common], **quiet))
-            _wait_for(lambda: self.alive() == 2, "the second Ray node's joining")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def alive(self) -> int:
-        count = [sys.executable, "-c", "import ray; ray.init(logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))"]
-        out = subprocess.run(count, env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True,
-                             text=True, timeout=60).stdout.strip()
-        return int(out) if out.isdigit() else 0
-
-    def lose_second_node(self) -> None:
-        """Kill every process of the second node at once, as a crash would."""
-        node = self.nodes.pop()
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
-
-    @staticmethod
-    def _stop(node: subprocess.Popen) -> None:
-        node.send_signal(signal.SIGTERM)  # 'ray start --block' then stops what it started
-        try:
-            node.wait(10)
-        except subprocess.TimeoutExpired:  # it waits for drivers that were killed
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
-
-    def __exit__(self, *exc):
-        for node in self.nodes:  # all at once: a head waits for its nodes otherwise
-            node.send_signal(signal.SIGTERM)
-        while self.nodes:
-            self._stop(self.nodes.pop())
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, _session_cache):
     """``(address, env)``: a two-node cluster and the environment a driver
     needs to join it."""
-    with TwoNodes(tmp_path_factory.mktemp("ray"), _session_cache) as nodes:
+    with TwoNodes(tmp_path_factory.mktemp("ray"), _session_cache, pace_s=0.15) as nodes:
         yield nodes.address, nodes.env
 
 
@@ -236,7 +149,7 @@ def test_a_lost_node_ends_the_run_and_the_next_run_completes(tmp_path, _session_
     with TwoNodes(tmp_path, _session_cache, pace_s=0.5) as nodes:
         run = imgsearch("index", photos, "--index", index, "--encoder", "paced-color", "--commit-every", "16",
                         "--ray", nodes.address, env=nodes.env, wait=False)
-        _wait_for(lambda: _committed(index) >= 16 or run.poll() is not None, "a first commit")
+        wait_for(lambda: _committed(index) >= 16 or run.poll() is not None, "a first commit")
         assert run.poll() is None, "the run ended before its first commit: nothing was tested"
         nodes.lose_second_node()
         assert run.poll() is None, "the run ended before the node was gone: nothing was tested"
@@ -302,7 +215,7 @@ def test_a_cluster_that_refuses_the_driver(cluster, tmp_path):
 def test_no_cluster_at_the_address(tmp_path):
     started = time.monotonic()
     error = one_line_error(imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix",
-                                     "--encoder", "paced-color", "--ray", f"127.0.0.1:{_free_port()}"))
+                                     "--encoder", "paced-color", "--ray", f"127.0.0.1:{free_port()}"))
     assert "cannot reach the Ray cluster at 127.0.0.1:" in error
     assert time.monotonic() - started < 60  # not Ray's own minutes of retrying
     assert not (tmp_path / "ix").exists()
