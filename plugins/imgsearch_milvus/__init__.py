@@ -22,7 +22,6 @@ file, so ``verify --repair`` forgets it and the next ``index`` run re-embeds it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
