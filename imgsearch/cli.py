@@ -358,10 +358,20 @@ def encoders(ctx, fmt):
                    "under the same paths on every node.")
 @click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="N",
               help="GPUs per Ray encoding actor (0: CPU actors, one per node).")
+@click.option("--backend", default=None, metavar="NAME",
+              help="Where a new index keeps its vectors: faiss (the default: files in the index folder) or "
+                   "a backend plugin such as milvus (pip install 'imgsearch[milvus]'). An existing index "
+                   "keeps its own.")
+@click.option("--backend-uri", "--milvus-uri", "backend_uri", default=None, metavar="URI",
+              help="Server of a new index's backend, e.g. http://localhost:19530, or a Milvus Lite file "
+                   "such as vectors.db; recorded in the index.")
+@click.option("--backend-collection", "--milvus-collection", "backend_collection", default=None, metavar="NAME",
+              help="Collection of a new index's vectors in the backend (default: made from the index "
+                   "folder's name); an existing collection must be empty.")
 @click.pass_context
 def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_csv, batch_size, commit_every,
           max_megapixels, image_formats, prune, index_type, target_recall, max_memory, no_optimize, errors_csv,
-          strict, ray_address, ray_gpus):
+          strict, ray_address, ray_gpus, backend, backend_uri, backend_collection):
     """Add the images in PATHS (files and folders, recursively) to an index.
 
     Images in class folders (ROOT/LABEL/image.jpg) are labelled with the
@@ -374,18 +384,23 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
       imgsearch index train/ --index pets --encoder efficientnet-lite0
       imgsearch index photos/ --index my-index --prune --errors skipped.csv
       imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
+      imgsearch index photos/ --index my-index --backend milvus --milvus-uri http://localhost:19530
     """
     from .index import Index, read_labels_csv
 
     if ray_gpus and not ray_address:
         raise click.UsageError("--ray-gpus needs --ray")
+    if (backend_uri or backend_collection) and not backend:
+        raise click.UsageError("--backend-uri and --backend-collection need --backend")
+    options = {key: value for key, value in (("uri", backend_uri), ("collection", backend_collection)) if value}
     _terminate_as_interrupt()
     errors_out = _open_errors_csv(errors_csv, index_dir) if errors_csv else None
     labels = read_labels_csv(labels_csv) if labels_csv else None
     with Index.build(index_dir, encoder=encoder, weights=weights, plugins_dir=ctx.obj["plugins_dir"],
                      default_encoder=os.environ.get("IMGSEARCH_ENCODER"), runtime=runtime,
                      precision=precision, calibration=list(paths), index_type=index_type or "auto",
-                     target_recall=target_recall, max_memory=max_memory) as idx:
+                     target_recall=target_recall, max_memory=max_memory, backend=backend,
+                     backend_options=options) as idx:
         _warn_if_random(idx)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
@@ -470,7 +485,8 @@ def _echo_optimized(report) -> None:
         return
     recall = "" if report.recall_at_10 is None else f", recall@10 {report.recall_at_10:.3f}"
     params = report.params or {}
-    tuned = f" ({params['name']} {params['value']}, re-ranking {params['refine']}x)" if "name" in params else ""
+    refine = f", re-ranking {params['refine']}x" if "refine" in params else ""
+    tuned = f" ({params['name']} {params['value']}{refine})" if "name" in params else ""
     click.echo(f"optimized: {report.vectors} vectors from {report.segments_before} "
                f"segment{'' if report.segments_before == 1 else 's'}, "
                f"{report.tombstones_dropped} removed vectors dropped; index type {report.index_type}"
@@ -510,7 +526,10 @@ def optimize(ctx, index_dir, index_type, target_recall, max_memory, force):
 
 @main.command()
 @index_option
-@click.option("--repair", is_flag=True, help="Rewrite manifest.json from the metadata when that is all that is wrong.")
+@click.option("--repair", is_flag=True,
+              help="Rewrite manifest.json from the metadata; for a remote backend, also delete vectors no "
+                   "image names and forget images whose vector is missing (the next 'imgsearch index' "
+                   "embeds their files again).")
 @click.pass_context
 def verify(ctx, index_dir, repair):
     """Check an index: metadata, vectors and manifest against each other.
@@ -529,6 +548,8 @@ def verify(ctx, index_dir, repair):
     with store:
         if repair:
             store.repair_manifest_copy()
+            for done in store.backend.repair():
+                click.echo(f"repaired: {done}")
         problems, notes = store.verify(progress=_progress_bar("verifying"))
         for note in notes:
             click.echo(f"note: {note}")
@@ -841,10 +862,10 @@ def info(ctx, index_dir, fmt):
         return
     shown = dict(facts, memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
                  search_params=", ".join(f"{k} {v}" for k, v in (facts["search_params"] or {}).items()) or None)
-    for key in ("path", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
+    for key in ("path", "backend", "backend_uri", "backend_collection", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
                 "calibration", "format_version", "index_type", "search_params", "recall_at_10", "target_recall",
                 "memory_bytes", "segments", "unmerged", "tombstones", "disk_bytes", "created", "updated"):
-        if shown[key] is not None:
+        if shown.get(key) is not None:
             click.echo(f"{key.removesuffix('_bytes') + ':':<21}{shown[key]}")
     labels = facts["labels"]
     click.echo(f"{'labels:':<21}{len(labels)}")

@@ -228,13 +228,16 @@ class Index:
               default_encoder: str | None = None, registry: Registry | None = None,
               plugins_dir=None, runtime: str = "auto", precision: str | None = None,
               calibration=None, index_type: str = "auto", target_recall: float | None = None,
-              max_memory: int | None = None) -> "Index":
+              max_memory: int | None = None, backend: str | None = None,
+              backend_options: dict | None = None) -> "Index":
         """An index to add to: the existing one at ``directory`` (which must
         match ``encoder``, ``weights`` and ``precision`` if given) or a new
         one, made with ``encoder``, else ``default_encoder``, else resnet50,
         at ``precision`` (default fp32).  An int8 index is calibrated on the
         images under the ``calibration`` paths (typically those about to be
-        added)."""
+        added).  ``backend`` and ``backend_options`` say where a new index's
+        vectors live (default: in its folder; see :mod:`imgsearch.store.backend`);
+        an existing index keeps its own."""
         registry = registry or load_registry(plugins_dir)
         check_choice(runtime, precision)
         from .store import ann
@@ -244,12 +247,19 @@ class Index:
         if Store.exists(directory):
             store = Store.open(directory, writable=True)
             try:
+                recorded = store.backend.name
+                if backend and backend != recorded:
+                    raise UsageError(f"index {directory} keeps its vectors in {recorded}, not {backend}; "
+                                     "an existing index keeps its backend")
                 return cls(store, registry, _matching_encoder(store, registry, encoder, weights,
                                                               runtime, precision))
             except BaseException:
                 store.close()
                 raise
         Store.check_creatable(directory)
+        from .store import backend as backends
+
+        backends.get(backend or backends.DEFAULT)  # an unknown name fails before the model loads
         model = registry.create(encoder or default_encoder or DEFAULT_ENCODER, weights)
         if precision == "int8":
             if not calibration:
@@ -261,7 +271,8 @@ class Index:
         # leave an empty index behind.
         model.ensure_loaded()
         store = Store.create(directory, encoder=model.describe(), dim=model.dim, index_type=index_type,
-                             target_recall=target_recall, max_memory=max_memory)
+                             target_recall=target_recall, max_memory=max_memory,
+                             backend=backend or backends.DEFAULT, backend_options=backend_options)
         return cls(store, registry, model)
 
     def close(self) -> None:
@@ -292,6 +303,7 @@ class Index:
         search = manifest.get("search") or {}
         return {
             "path": str(self.store.directory),
+            **self.store.backend.describe(),
             "count": self.store.count,
             "encoder": manifest["encoder"]["name"],
             "dim": manifest["dim"],
@@ -668,18 +680,14 @@ class Index:
                  max_memory: int | None = None, force: bool = False, progress=None):
         """Merge the index's segments and build its approximate index (see
         :func:`imgsearch.store.optimize`); ``progress(stage, done, total)``."""
-        from .store import optimize
-
-        return optimize(self.store, index_type=index_type, target_recall=target_recall,
-                        max_memory=max_memory, force=force, progress=progress)
+        return self.store.backend.optimize(index_type=index_type, target_recall=target_recall,
+                                           max_memory=max_memory, force=force, progress=progress)
 
     def optimize_due(self) -> tuple[str, str] | None:
         """``("optimize", why)`` or ``("compact", why)`` when the index
         should be merged now (many vectors not merged, many removed, many
         segments), or None."""
-        from .store import due
-
-        return due(self.store)
+        return self.store.backend.due()
 
     def state_fingerprint(self) -> str:
         """Names this exact index state: what a trained classifier was fit on."""

@@ -44,6 +44,7 @@ import numpy as np
 
 from ..errors import BadIndexError, IndexLockedError, first_line
 from . import ann
+from . import backend as backends
 from .files import LOCK_FILE, deferred_signals, fsync_dir, lock as _lock, write_atomic
 from .segments import Segment, SegmentInfo, pad, top_k, write_segment
 
@@ -274,6 +275,7 @@ class Store:
         self._made_folder = False
         self._checked: set[tuple[str, str]] = set()  # (file, sha256) whose checksum held
         self._sha_index: _ShaIndex | None = None
+        self.backend: backends.VectorBackend | None = None  # named by the manifest, opened with it
         try:
             self._load_state()
             if check_manifest:
@@ -308,13 +310,32 @@ class Store:
 
     @classmethod
     def create(cls, directory, *, encoder: dict, dim: int, index_type: str = "auto",
-               target_recall: float = ann.DEFAULT_TARGET_RECALL, max_memory: int | None = None) -> "Store":
+               target_recall: float = ann.DEFAULT_TARGET_RECALL, max_memory: int | None = None,
+               backend: str = backends.DEFAULT, backend_options: dict | None = None) -> "Store":
         """A new, empty index.  The folder must not exist or be empty.
         ``index_type``, ``target_recall`` and ``max_memory`` say what kind of
-        approximate index ``optimize`` builds (see :mod:`.ann`)."""
+        approximate index ``optimize`` builds (see :mod:`.ann`); ``backend``
+        (with its ``backend_options``) where the vectors live (see
+        :mod:`.backend`)."""
         ann.check_settings(index_type, target_recall, max_memory)
         directory = Path(directory)
         cls.check_creatable(directory)
+        backend_cls = backends.get(backend)
+        # Checked (and a remote collection made) before anything is written
+        # here: an unreachable server leaves no folder behind.
+        record = None if backend == backends.DEFAULT else backend_cls.create(directory, int(dim), backend_options or {})
+        try:
+            store = cls._create(directory, encoder, dim, index_type, target_recall, max_memory, record)
+        except BaseException:
+            if record is not None:
+                with contextlib.suppress(Exception):
+                    backend_cls(None, record).discard()
+            raise
+        return store
+
+    @classmethod
+    def _create(cls, directory: Path, encoder: dict, dim: int, index_type: str, target_recall: float,
+                max_memory: int | None, record: dict | None) -> "Store":
         made_folder = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -328,16 +349,22 @@ class Store:
                 raise IndexLockedError(f"index {directory} was just created by another process; run again")
             cls.check_creatable(directory)
             store = cls._create_locked(directory, encoder, dim, {
-                "type": index_type, "target_recall": float(target_recall), "max_memory": max_memory}, lock)
+                "type": index_type, "target_recall": float(target_recall), "max_memory": max_memory}, lock,
+                record)
         except BaseException:
             if lock is not None:
                 lock.close()
+            if made_folder and not (directory / METADATA_FILE).exists():
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             raise
         store.created_here, store._made_folder = True, made_folder
         return store
 
     @classmethod
-    def _create_locked(cls, directory: Path, encoder: dict, dim: int, search: dict, lock) -> "Store":
+    def _create_locked(cls, directory: Path, encoder: dict, dim: int, search: dict, lock,
+                       record: dict | None = None) -> "Store":
         for leftover in _CREATION_LEFTOVERS - {LOCK_FILE}:  # of an earlier creation that was killed
             (directory / leftover).unlink(missing_ok=True)
         tmp = directory / (METADATA_FILE + ".new")
@@ -358,6 +385,8 @@ class Store:
             "created": now(),
             "updated": now(),
         }
+        if record is not None:  # absent: the local store (as in every index made before backends)
+            manifest["backend"] = record
         with db:
             db.executescript(_SCHEMA + _SEGMENT_SCHEMA)
             db.executemany(
@@ -371,7 +400,14 @@ class Store:
         os.replace(tmp, directory / METADATA_FILE)
         fsync_dir(directory)
         db = sqlite3.connect(directory / METADATA_FILE, timeout=30, check_same_thread=False)
-        return cls(directory, db, writable=True, lock_handle=lock)
+        try:
+            return cls(directory, db, writable=True, lock_handle=lock)
+        except BaseException:
+            # A backend failing on its first use (its server went away since
+            # it was checked) must not leave an empty index behind.
+            for name in (METADATA_FILE, MANIFEST_FILE):
+                (directory / name).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
@@ -413,6 +449,8 @@ class Store:
     def close(self) -> None:
         if getattr(self, "_view", None) is not None:
             self._view.close()
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
         self._db.close()
         if self._lock_handle is not None:
             self._lock_handle.close()
@@ -452,6 +490,18 @@ class Store:
                 self._next_segment = int(state["next_segment"])
             except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as exc:
                 raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
+            if self.backend is None:
+                self.backend = backends.get((manifest.get("backend") or {}).get("name", backends.DEFAULT))(
+                    self, manifest.get("backend") or {"name": backends.DEFAULT})
+            if not self.backend.local:
+                # The vectors live elsewhere; tombstones here are deletions
+                # an interrupted commit still owes it (see clean_up).
+                if int(self.manifest.get("count", -1)) != rows:
+                    raise self._damaged(f"{rows} metadata rows but manifest count {self.manifest.get('count')}")
+                if getattr(self, "_view", None) is not None:
+                    self._view.close()
+                self._view = _View(int(self.manifest.get("generation", 0)), [])
+                return
             try:
                 view = self._open_view(infos, tombstones)
             except FileNotFoundError as exc:
@@ -565,57 +615,16 @@ class Store:
         checksum, and the two against each other.  Memory stays flat: rows
         and vectors are read a batch at a time."""
         problems, notes = [], []
-        manifest, view = self.manifest, self._view
+        manifest = self.manifest
         db_check = self._db.execute("PRAGMA integrity_check").fetchone()[0]
         if db_check != "ok":
             problems.append(f"SQLite integrity check: {db_check}")
         rows = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
-        if rows != view.live or manifest.get("count") != rows:
-            problems.append(f"counts differ: {rows} metadata rows, {view.live} vectors, "
-                            f"manifest count {manifest.get('count')}")
-        # The live ids of each segment must be exactly the rows naming it:
-        # one pass over the rows, sorted by segment, a segment at a time.
-        by_number = {s.info.number: s for s in view.segments}
-        seen, orphans = set(), 0
-        rows_cursor = self._db.execute("SELECT segment, id FROM images ORDER BY segment, id")
-        for number, group in itertools.groupby(rows_cursor, key=lambda row: row[0]):
-            named = np.fromiter((image_id for _, image_id in group), dtype=np.int64)
-            segment = by_number.get(number)
-            if segment is None:
-                orphans += len(named)
-                continue
-            seen.add(number)
-            live_ids = np.sort(np.asarray(segment.ids)[~segment.dead])
-            if not np.array_equal(live_ids, named):
-                problems.append(f"ids differ in {segment.info.file}: "
-                                f"{len(np.setdiff1d(live_ids, named))} vectors without a row, "
-                                f"{len(np.setdiff1d(named, live_ids))} rows without a vector")
-        if orphans:
-            problems.append(f"{orphans} metadata rows name a segment the index does not have")
-        for number, segment in by_number.items():
-            if number not in seen and segment.live:
-                problems.append(f"ids differ in {segment.info.file}: {segment.live} vectors without a row, "
-                                "0 rows without a vector")
-        total = sum(s.count for s in view.segments)
-        done = 0
-        for segment in view.segments:
-            name = segment.info.file
-            if not segment.checksum_ok():
-                problems.append(f"{name} does not match the checksum recorded when it was written")
-                done += segment.count
-                continue
-            bad = 0
-            for start, _, vectors in segment.chunks():
-                norms = np.linalg.norm(vectors, axis=1)
-                alive = ~segment.dead[start:start + len(vectors)]
-                bad += int(np.sum((np.abs(norms - 1) > 1e-3) & (norms > 0) & alive))
-                done += len(vectors)
-                if progress:
-                    progress(done, total)
-            if bad:
-                problems.append(f"{bad} vectors in {name} are not unit length")
-        if view.ann is not None and not view.ann.checksum_ok():
-            problems.append(f"{view.ann.file} does not match the checksum recorded when it was written")
+        if manifest.get("count") != rows:
+            problems.append(f"counts differ: {rows} metadata rows, manifest count {manifest.get('count')}")
+        found, noted = self.backend.verify(progress)
+        problems += found
+        notes += noted
         twice = self._db.execute(
             "SELECT count(*), min(sha256) FROM (SELECT sha256 FROM images GROUP BY sha256 HAVING count(*) > 1)"
         ).fetchone()
@@ -661,9 +670,11 @@ class Store:
         return strays + [p for p in self.directory.glob("*.tmp") if p not in strays]
 
     def _remove_leftovers(self) -> None:
-        """Files of commits that never finished (the lock is held)."""
+        """Files of commits that never finished, and what such a commit
+        still owes the backend (the lock is held)."""
         for path in self._stray_files():
             path.unlink(missing_ok=True)
+        self.backend.clean_up()
 
     # -- reading ---------------------------------------------------------
     @property
@@ -764,18 +775,7 @@ class Store:
 
     def vectors(self, ids) -> np.ndarray:
         """The stored vectors of ``ids`` (as they are in the index)."""
-        ids = np.asarray(list(ids), dtype=np.int64)
-        out = np.zeros((len(ids), self.dim), np.float32)
-        found = np.zeros(len(ids), bool)
-        for segment in self._view.segments:
-            rows = segment.positions(ids)
-            hit = rows >= 0
-            if hit.any():
-                out[hit] = segment.rows(rows[hit])
-                found |= hit
-        if not found.all():
-            raise KeyError(f"no vector for id {int(ids[~found][0])}")
-        return out
+        return self.backend.vectors(np.asarray(list(ids), dtype=np.int64))
 
     @contextlib.contextmanager
     def reading(self):
@@ -828,21 +828,7 @@ class Store:
         k = min(int(k), self.count)
         if k <= 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-        scores = [np.full((len(queries), 0), -np.inf, np.float32)]
-        ids = [np.full((len(queries), 0), -1, np.int64)]
-        approximate = self._view.ann is not None
-        exact_bytes = sum(s.info.bytes for s in self._view.segments[int(approximate):])
-        for number, segment in enumerate(self._view.segments):
-            if not segment.live:
-                continue
-            if number == 0 and approximate:
-                found, rows = self._view.ann.search(queries, k)
-            else:
-                found, rows = segment.search(queries, k, mapped=exact_bytes <= MAP_SEARCH_BYTES)
-            scores.append(found)
-            ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
-        best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
-        return pad(best, best_ids, k)
+        return self.backend.search(queries, k)
 
     def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         if min(int(k), self.count) <= 0 or len(queries) == 0:
@@ -896,48 +882,42 @@ class Store:
             raise ValueError("an id may get one vector per commit")
         next_id = max(new_ids, default=self._next_id - 1) + 1
 
-        # Where the vectors about to be dropped live: they get tombstones.
+        # Where the vectors about to be dropped live (the local store
+        # tombstones them there); only ids with a row have one.
         dropped = [int(e.id) for e in changes.replaced] + [int(i) for i in changes.removed]
         home: dict[int, int] = {}
         for chunk in _chunks(dropped):
             home.update(self._db.execute(
                 f"SELECT id, segment FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-        tombstones = sorted((segment, image_id) for image_id, segment in home.items())
-        info, number = None, self._next_segment
-        if entries:
-            info = write_segment(self.directory, number, np.asarray(ids, dtype=np.int64), vectors)
-        vectors_changed = bool(entries or tombstones)
-        count = self.count + len(entries) - len(tombstones)
-        segments = len(self._view.segments) + (info is not None)
+        removed = np.asarray(sorted(set(int(i) for i in changes.removed) & set(home)), dtype=np.int64)
+        staged = backends.Staged(np.asarray(ids, dtype=np.int64), removed, home)
+        self.backend.stage(staged, vectors)
+        vectors_changed = bool(entries or home)
+        count = self.count + len(entries) - len(home)
         # The revision counts every commit, metadata-only ones too (a label
         # change keeps the generation), and merges; the content revision
         # counts only what changes images, labels or vectors (what a trained
         # classifier depends on), so optimize does not invalidate one.
-        manifest = dict(self.manifest, count=count, segments=segments,
+        manifest = dict(self.manifest, count=count,
                         generation=int(self.manifest["generation"]) + vectors_changed,
                         revision=int(self.manifest["revision"]) + 1,
                         content_revision=int(self.manifest.get("content_revision", 0)) + 1, updated=now())
         try:
             with self._db:
-                rows_delta = self._apply_rows(changes, number)
-                if info is not None:
-                    self._db.execute("INSERT INTO segments (number, file, count, bytes, sha256, created) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)",
-                                     (info.number, info.file, info.count, info.bytes, info.sha256, now()))
-                self._db.executemany("INSERT INTO tombstones (segment, id) VALUES (?, ?)", tombstones)
+                rows_delta = self._apply_rows(changes, staged.segment)
+                self.backend.record(self._db, staged)
+                manifest["segments"] = self.backend.segments_after(staged)
                 self._db.executemany(
                     "UPDATE state SET value = ? WHERE key = ?",
-                    [(json.dumps(manifest), "manifest"), (str(next_id), "next_id"),
-                     (str(number + (info is not None)), "next_segment")],
+                    [(json.dumps(manifest), "manifest"), (str(next_id), "next_id")],
                 )
-                if rows_delta != len(entries) - len(tombstones):
+                if rows_delta != len(entries) - len(home):
                     raise BadIndexError(
                         f"refusing to commit: it would change the metadata rows by {rows_delta} "
-                        f"but the vectors by {len(entries) - len(tombstones)}; the index is unchanged"
+                        f"but the vectors by {len(entries) - len(home)}; the index is unchanged"
                     )
         except BaseException as exc:
-            if info is not None:
-                (self.directory / info.file).unlink(missing_ok=True)
+            self.backend.abandon(staged)
             if isinstance(exc, sqlite3.IntegrityError):
                 raise BadIndexError(f"refusing to commit inconsistent metadata ({exc}); the index is unchanged") from None
             if isinstance(exc, sqlite3.OperationalError):
@@ -947,18 +927,7 @@ class Store:
         self.manifest, self._next_id = manifest, next_id
         if self._sha_index is not None:
             self._sha_index.recent.update((e.sha256, int(e.id)) for e in entries + changes.updated)
-        self._next_segment = number + (info is not None)
-        by_number = {s.info.number: s for s in self._view.segments}
-        dead: dict[int, list[int]] = {}
-        for segment_number, image_id in tombstones:
-            dead.setdefault(segment_number, []).append(image_id)
-        for segment_number, dead_ids in dead.items():
-            segment = by_number[segment_number]
-            rows = segment.positions(dead_ids)
-            segment.dead[rows[rows >= 0]] = True
-        if info is not None:
-            self._view.segments.append(Segment(self.directory, info, self.dim))
-            self._checked.add((info.file, info.sha256))
+        self.backend.finish(staged)
         self._view.generation = int(manifest["generation"])
         with contextlib.suppress(OSError):
             self._write_manifest_copy()
@@ -1010,6 +979,7 @@ class Store:
         if not (self.created_here and self.count == 0):
             raise RuntimeError("only a new, empty index can be discarded")
         files = [s.path for s in self._view.segments]
+        self.backend.discard()
         self.close()
         for path in files:
             path.unlink(missing_ok=True)
@@ -1069,3 +1039,156 @@ class Store:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         fsync_dir(self.directory)
+
+
+class LocalBackend(backends.VectorBackend):
+    """The default backend: the vectors in the index folder itself, as
+    immutable segment files with tombstones, and a FAISS index over the
+    merged part (this module, :mod:`.segments`, :mod:`.ann`, :mod:`.merge`)."""
+
+    name = backends.DEFAULT
+    description = "segment files and a FAISS index in the index folder"
+
+    @property
+    def local(self) -> bool:
+        return True
+
+    def stage(self, staged: backends.Staged, vectors: np.ndarray) -> None:
+        store = self.store
+        # Every vector dropped gets a tombstone in the segment it lives in.
+        staged.data = {"tombstones": sorted((segment, image_id) for image_id, segment in staged.home.items()),
+                       "info": None}
+        staged.segment = store._next_segment
+        if len(staged.ids):
+            staged.data["info"] = write_segment(store.directory, staged.segment, staged.ids, vectors)
+
+    def record(self, db, staged: backends.Staged) -> None:
+        info = staged.data["info"]
+        if info is not None:
+            db.execute("INSERT INTO segments (number, file, count, bytes, sha256, created) VALUES (?, ?, ?, ?, ?, ?)",
+                       (info.number, info.file, info.count, info.bytes, info.sha256, now()))
+        db.executemany("INSERT INTO tombstones (segment, id) VALUES (?, ?)", staged.data["tombstones"])
+        db.execute("UPDATE state SET value = ? WHERE key = 'next_segment'",
+                   (str(staged.segment + (info is not None)),))
+
+    def segments_after(self, staged: backends.Staged) -> int:
+        return len(self.store._view.segments) + (staged.data["info"] is not None)
+
+    def abandon(self, staged: backends.Staged) -> None:
+        if staged.data and staged.data["info"] is not None:
+            (self.store.directory / staged.data["info"].file).unlink(missing_ok=True)
+
+    def finish(self, staged: backends.Staged) -> None:
+        store, info = self.store, staged.data["info"]
+        store._next_segment = staged.segment + (info is not None)
+        by_number = {s.info.number: s for s in store._view.segments}
+        dead: dict[int, list[int]] = {}
+        for segment_number, image_id in staged.data["tombstones"]:
+            dead.setdefault(segment_number, []).append(image_id)
+        for segment_number, dead_ids in dead.items():
+            segment = by_number[segment_number]
+            rows = segment.positions(dead_ids)
+            segment.dead[rows[rows >= 0]] = True
+        if info is not None:
+            store._view.segments.append(Segment(store.directory, info, store.dim))
+            store._checked.add((info.file, info.sha256))
+
+    def clean_up(self) -> None:
+        """Nothing: the store removes the files of unfinished commits."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        view = self.store._view
+        scores = [np.full((len(queries), 0), -np.inf, np.float32)]
+        ids = [np.full((len(queries), 0), -1, np.int64)]
+        approximate = view.ann is not None
+        exact_bytes = sum(s.info.bytes for s in view.segments[int(approximate):])
+        for number, segment in enumerate(view.segments):
+            if not segment.live:
+                continue
+            if number == 0 and approximate:
+                found, rows = view.ann.search(queries, k)
+            else:
+                found, rows = segment.search(queries, k, mapped=exact_bytes <= MAP_SEARCH_BYTES)
+            scores.append(found)
+            ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
+        best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
+        return pad(best, best_ids, k)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.store.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        for segment in self.store._view.segments:
+            rows = segment.positions(ids)
+            hit = rows >= 0
+            if hit.any():
+                out[hit] = segment.rows(rows[hit])
+                found |= hit
+        if not found.all():
+            raise KeyError(f"no vector for id {int(ids[~found][0])}")
+        return out
+
+    def due(self):
+        from .merge import due
+
+        return due(self.store)
+
+    def optimize(self, **settings):
+        from .merge import optimize
+
+        return optimize(self.store, **settings)
+
+    def verify(self, progress=None) -> tuple[list[str], list[str]]:
+        """The segments against the rows naming them, each file against its
+        checksum, every live vector's length; memory stays flat."""
+        store, view = self.store, self.store._view
+        problems: list[str] = []
+        rows = store._db.execute("SELECT count(*) FROM images").fetchone()[0]
+        if rows != view.live:
+            problems.append(f"counts differ: {rows} metadata rows, {view.live} vectors")
+        # The live ids of each segment must be exactly the rows naming it:
+        # one pass over the rows, sorted by segment, a segment at a time.
+        by_number = {s.info.number: s for s in view.segments}
+        seen, orphans = set(), 0
+        rows_cursor = store._db.execute("SELECT segment, id FROM images ORDER BY segment, id")
+        for number, group in itertools.groupby(rows_cursor, key=lambda row: row[0]):
+            named = np.fromiter((image_id for _, image_id in group), dtype=np.int64)
+            segment = by_number.get(number)
+            if segment is None:
+                orphans += len(named)
+                continue
+            seen.add(number)
+            live_ids = np.sort(np.asarray(segment.ids)[~segment.dead])
+            if not np.array_equal(live_ids, named):
+                problems.append(f"ids differ in {segment.info.file}: "
+                                f"{len(np.setdiff1d(live_ids, named))} vectors without a row, "
+                                f"{len(np.setdiff1d(named, live_ids))} rows without a vector")
+        if orphans:
+            problems.append(f"{orphans} metadata rows name a segment the index does not have")
+        for number, segment in by_number.items():
+            if number not in seen and segment.live:
+                problems.append(f"ids differ in {segment.info.file}: {segment.live} vectors without a row, "
+                                "0 rows without a vector")
+        total = sum(s.count for s in view.segments)
+        done = 0
+        for segment in view.segments:
+            name = segment.info.file
+            if not segment.checksum_ok():
+                problems.append(f"{name} does not match the checksum recorded when it was written")
+                done += segment.count
+                continue
+            bad = 0
+            for start, _, vectors in segment.chunks():
+                norms = np.linalg.norm(vectors, axis=1)
+                alive = ~segment.dead[start:start + len(vectors)]
+                bad += int(np.sum((np.abs(norms - 1) > 1e-3) & (norms > 0) & alive))
+                done += len(vectors)
+                if progress:
+                    progress(done, total)
+            if bad:
+                problems.append(f"{bad} vectors in {name} are not unit length")
+        if view.ann is not None and not view.ann.checksum_ok():
+            problems.append(f"{view.ann.file} does not match the checksum recorded when it was written")
+        return problems, []
+
+    def describe(self) -> dict:
+        return {"backend": self.name}
