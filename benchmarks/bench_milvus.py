@@ -396,17 +396,22 @@ def run_backend(kind: str, directory: Path, data: np.ndarray, classes: np.ndarra
             batched.append((time.perf_counter() - t0) / len(chunk))
         _, found = reader.nearest(queries, 10)
         if not reader.backend.local:
-            # The same searches straight through pymilvus with Bounded
-            # consistency: what the collection's Strong level costs a query.
-            backend = reader.backend
-            connection, params = backend.connection, backend._search_params(10)
-            bounded = []
-            for q in queries[:SINGLE]:
-                t0 = time.perf_counter()
-                connection.client.search(connection.collection, data=[q], limit=10, search_params=params,
-                                         output_fields=["id"], consistency_level="Bounded")
-                bounded.append(time.perf_counter() - t0)
-            out["bounded_p50_ms"] = statistics.median(bounded) * 1000
+            # The index was committed moments ago, so the searches above read
+            # Strong; an index committed longer ago than the plugin's
+            # FRESH_S reads Bounded.  The same searches as for such an index:
+            import imgsearch_milvus
+
+            fresh, imgsearch_milvus.FRESH_S = imgsearch_milvus.FRESH_S, 0.0
+            try:
+                settled = []
+                for q in queries[:SINGLE]:
+                    t0 = time.perf_counter()
+                    reader.search(q[None], 10)
+                    settled.append(time.perf_counter() - t0)
+            finally:
+                imgsearch_milvus.FRESH_S = fresh
+            out["settled_p50_ms"] = statistics.median(settled) * 1000
+            out["settled_p95_ms"] = float(np.percentile(settled, 95)) * 1000
     out["single_p50_ms"] = statistics.median(single) * 1000
     out["single_p95_ms"] = float(np.percentile(single, 95)) * 1000
     out["batched_ms"] = statistics.median(batched) * 1000
@@ -454,11 +459,12 @@ def table(results: dict, count: int, dim: int) -> list[str]:
     row(f"recall@10 against exact search, {SINGLE + BATCHES * 100:,} new queries",
         lambda r: f"{r['recall']:.3f}")
     row("open the index + first query", lambda r: f"{r['open_first_s'] * 1000:.0f} ms")
-    row(f"one query: p50 / p95 ({SINGLE} queries)",
+    row(f"one query, index committed moments ago: p50 / p95 ({SINGLE} queries)",
         lambda r: f"{r['single_p50_ms']:.2f} / {r['single_p95_ms']:.2f} ms")
+    row("one query, index committed over a minute ago: p50 / p95",
+        lambda r: f"{r.get('settled_p50_ms', r['single_p50_ms']):.2f} / "
+                  f"{r.get('settled_p95_ms', r['single_p95_ms']):.2f} ms")
     row("per query in batches of 100 (median of 10)", lambda r: f"{r['batched_ms']:.2f} ms")
-    row("one query straight through pymilvus, Bounded consistency: p50",
-        lambda r: f"{r['bounded_p50_ms']:.2f} ms")
     row("memory the index type needs (estimate)", lambda r: mib(r["memory_needed"]))
     row("memory measured", lambda r: r["memory_measured"])
     row("disk", lambda r: mib(r["disk"]))

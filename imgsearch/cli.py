@@ -354,7 +354,8 @@ def encoders(ctx, fmt):
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|local|HOST:PORT]",
               help="Decode and embed on a Ray cluster (pip install 'imgsearch[ray]'): auto (the default "
                    "when --ray is given alone) joins RAY_ADDRESS or a cluster started here with 'ray start', "
-                   "else starts one for this run; HOST:PORT joins that head node. Images must be readable "
+                   "else starts one for this run; local always starts one; HOST:PORT joins that head node. "
+                   "Images must be readable "
                    "under the same paths on every node.")
 @click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="N",
               help="GPUs per Ray encoding actor (0: CPU actors, one per node).")

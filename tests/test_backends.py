@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,7 +352,7 @@ def test_bad_backend_settings_are_one_line_errors_and_leave_nothing(milvus, tmp_
     client.close()
     err = run("index", folder, "--index", target, "--encoder", "tiny-color", "--backend", "milvus",
               "--milvus-uri", uri, "--milvus-collection", collection, code=2).stderr
-    assert f"holds 8-d vectors, not 48-d" in err and not target.exists()
+    assert "holds 8-d vectors, not 48-d" in err and not target.exists()
 
     other = tmp_path / "other"
     _index(other, folder, ["--backend", "milvus", "--milvus-uri", uri, "--milvus-collection", collection + "b"])

@@ -99,6 +99,19 @@ def test_two_node_run_equals_a_local_run(cluster, photos, tmp_path):
     assert "skipped 1 " in again.stdout and "warn" not in again.stderr.lower(), again.stderr
 
 
+def test_ray_fills_a_milvus_backed_index_as_a_local_run_does(cluster, photos, tmp_path):
+    # The workers only embed; the driver alone writes, here into Milvus Lite.
+    address, env = cluster
+    remote = imgsearch("index", photos, "--index", tmp_path / "remote", "--encoder", "paced-color",
+                       "--backend", "milvus", "--milvus-uri", tmp_path / "vectors.db", "--ray", address, env=env)
+    assert remote.returncode == 0, remote.stderr
+    local = imgsearch("index", photos, "--index", tmp_path / "local", "--encoder", "paced-color")
+    assert local.returncode == 0, local.stderr
+    assert_same_index(tmp_path / "local", tmp_path / "remote")
+    verified = imgsearch("verify", "--index", tmp_path / "remote")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def _many_photos(root: Path, count: int) -> Path:
     rng = np.random.default_rng(7)
     for number in range(count):

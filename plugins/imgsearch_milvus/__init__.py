@@ -21,6 +21,7 @@ file, so ``verify --repair`` forgets it and the next ``index`` run re-embeds it.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import os
 import re
@@ -42,6 +43,11 @@ MAX_TOPK = 16384          # Milvus refuses a larger limit (and offset + limit in
 TRANSFER_BYTES = 8 << 20  # per upsert or read: well under gRPC's message limits
 ID_RANGE = 10_000         # ids per query when listing a collection
 CONNECT_TIMEOUT = 10.0
+# Reads of an index committed longer ago than this use Bounded consistency,
+# which sees every write older than Milvus's grace period (5 s by default)
+# and answers at once; fresher indexes, and writers, read Strong, which
+# waits for the server's next time tick (about 200 ms a call).
+FRESH_S = 60.0
 INDEX_TIMEOUT = 3600.0
 
 
@@ -102,6 +108,16 @@ class _Connection:
             self.client.close()
         except Exception:  # closing a dead connection: nothing left to release
             pass
+        if "://" not in self.uri:
+            # Milvus Lite serves a folder from a thread of this process and
+            # keeps its lock until the process ends unless told to stop:
+            # another process could not open the index meanwhile.
+            try:
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self.uri)
+            except Exception:  # an older milvus-lite: the lock goes with the process
+                pass
 
 
 class MilvusBackend(VectorBackend):
@@ -293,6 +309,16 @@ class MilvusBackend(VectorBackend):
             return {"metric_type": "IP", "params": {"nprobe": int(params.get("value", 16))}}
         return {"metric_type": "IP", "params": {}}
 
+    def _consistency(self) -> str:
+        """How fresh reads must be (see FRESH_S)."""
+        if self.store.writable:
+            return "Strong"
+        try:
+            committed = calendar.timegm(time.strptime(self.store.manifest["updated"], "%Y-%m-%dT%H:%M:%SZ"))
+        except (KeyError, TypeError, ValueError):
+            return "Strong"
+        return "Strong" if time.time() - committed < FRESH_S else "Bounded"
+
     def search(self, queries: np.ndarray, k: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         connection = self._ready()
         limit = min(int(k), MAX_TOPK)
@@ -302,7 +328,8 @@ class MilvusBackend(VectorBackend):
         for start in range(0, len(queries), 256):
             batch = queries[start:start + 256]
             found = connection.call("searching", "search", connection.collection, data=[q for q in batch],
-                                    limit=limit, search_params=params, output_fields=["id"])
+                                    limit=limit, search_params=params, output_fields=["id"],
+                                    consistency_level=self._consistency())
             for row, hits in enumerate(found, start=start):
                 for column, hit in enumerate(hits):
                     ids[row, column] = int(hit["id"])
