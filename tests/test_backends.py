@@ -391,3 +391,31 @@ def test_recall_at_100000_vectors_on_a_milvus_server(milvus_server, tmp_path):
         recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
         assert recall >= 0.95, recall
         assert store.manifest["ann"]["milvus_index"] == "IVF_SQ8"
+
+
+@pytest.mark.parametrize("index_type, milvus_index", [("hnsw", "HNSW"), ("ivf-pq", "IVF_PQ")])
+def test_hnsw_and_ivf_pq_on_a_milvus_server(milvus_server, tmp_path, index_type, milvus_index):
+    """The index types asked for by name are built by the server, tuned, and
+    searched to the target recall against exact search."""
+    from imgsearch.store import Changes, Entry, Store
+
+    rng = np.random.default_rng(11)
+    dim, count = 64, 5_000
+    centres = rng.normal(size=(50, dim)).astype(np.float32)
+    data = centres[rng.integers(0, 50, count)] + 0.6 * rng.normal(size=(count, dim)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    store = Store.create(tmp_path / "ix", encoder={"name": "synthetic"}, dim=dim, backend="milvus",
+                         backend_options={"uri": milvus_server, "collection": f"{index_type.replace('-', '')}"
+                                                                               f"{os.getpid()}"})
+    with store:
+        entries = [Entry(i, f"/synthetic/{i}.jpg", f"{i:064x}", 1, 1.0, None, 1, 1) for i in range(1, count + 1)]
+        store.commit(Changes(added=entries, vectors=list(data)))
+        report = store.backend.optimize(index_type=index_type)
+        assert report.index_type == index_type and report.recall_at_10 >= 0.95
+        assert store.manifest["ann"]["milvus_index"] == milvus_index
+        queries = data[rng.integers(0, count, 100)] + 0.05 * rng.normal(size=(100, dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        _, found = store.nearest(queries, 10)
+        truth = np.argsort(-(queries @ data.T), axis=1)[:, :10] + 1
+        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
+        assert recall >= 0.9, recall

@@ -319,21 +319,37 @@ class MilvusBackend(VectorBackend):
             return "Strong"
         return "Strong" if time.time() - committed < FRESH_S else "Bounded"
 
-    def search(self, queries: np.ndarray, k: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, params: dict | None = None,
+               kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         connection = self._ready()
         limit = min(int(k), MAX_TOPK)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         params = params or self._search_params(limit)
+        kind = kind or (self.store.manifest.get("ann") or {}).get("type")
+        # Product-quantizer codes rank too roughly to reach the recall target
+        # alone: more candidates are fetched with their stored vectors and
+        # re-ranked by exact inner product, as the local store does.
+        refine = ann.REFINE["ivf-pq"] if kind == "ivf-pq" else 1
+        fetch = min(limit * refine, MAX_TOPK)
+        fields = ["id", "vector"] if refine > 1 else ["id"]
         for start in range(0, len(queries), 256):
             batch = queries[start:start + 256]
             found = connection.call("searching", "search", connection.collection, data=[q for q in batch],
-                                    limit=limit, search_params=params, output_fields=["id"],
+                                    limit=fetch, search_params=params, output_fields=fields,
                                     consistency_level=self._consistency())
             for row, hits in enumerate(found, start=start):
-                for column, hit in enumerate(hits):
-                    ids[row, column] = int(hit["id"])
-                    scores[row, column] = float(hit["distance"])
+                if not hits:
+                    continue
+                found_ids = np.asarray([int(hit["id"]) for hit in hits], np.int64)
+                if refine > 1:
+                    stored = np.asarray([hit["entity"]["vector"] for hit in hits], np.float32)
+                    found_scores = stored @ queries[row]
+                else:
+                    found_scores = np.asarray([float(hit["distance"]) for hit in hits], np.float32)
+                best = np.argsort(-found_scores, kind="stable")[:limit]
+                ids[row, :len(best)] = found_ids[best]
+                scores[row, :len(best)] = found_scores[best]
         return scores, ids
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -481,7 +497,7 @@ class MilvusBackend(VectorBackend):
         reached, value = 0.0, None
         for value in _sweep(kind, build_params):
             params = {"metric_type": "IP", "params": {name: max(value, ann.RECALL_K + 1) if name == "ef" else value}}
-            reached = self._recall(held, truth, params)
+            reached = self._recall(held, truth, params, kind)
             if reached >= target_recall:
                 break
         record.update(recall_at_10=round(reached, 4), params={"name": name, "value": int(value)})
@@ -524,9 +540,9 @@ class MilvusBackend(VectorBackend):
                 progress("measuring", min(done, self.store.count), self.store.count)
         return (held, queries), best_ids
 
-    def _recall(self, held, truth: np.ndarray, params: dict) -> float:
+    def _recall(self, held, truth: np.ndarray, params: dict, kind: str) -> float:
         held_ids, queries = held
-        _, found = self.search(queries, ann.RECALL_K + 1, params=params)
+        _, found = self.search(queries, ann.RECALL_K + 1, params=params, kind=kind)
         hits = 0
         for row, self_id, expected in zip(found, held_ids, truth):
             got = [int(i) for i in row if i != self_id and i >= 0][:ann.RECALL_K]
