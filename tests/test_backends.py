@@ -365,6 +365,13 @@ def test_bad_backend_settings_are_one_line_errors_and_leave_nothing(milvus, tmp_
     assert run("verify", "--index", other).stdout.startswith("ok: 50 images")
 
 
+def _clustered(rng, count: int, dim: int, clusters: int):
+    """Unit vectors scattered around random centres, and the centres."""
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    data = centres[rng.integers(0, clusters, count)] + 0.6 * rng.normal(size=(count, dim)).astype(np.float32)
+    return data / np.linalg.norm(data, axis=1, keepdims=True), centres
+
+
 def test_recall_at_100000_vectors_on_a_milvus_server(milvus_server, tmp_path):
     """The automatic index type (ivf-sq8 at this size) tuned to the target
     recall reaches it against exact search, on queries not in the index."""
@@ -372,9 +379,7 @@ def test_recall_at_100000_vectors_on_a_milvus_server(milvus_server, tmp_path):
 
     rng = np.random.default_rng(7)
     dim, count = 64, 100_000
-    centres = rng.normal(size=(200, dim)).astype(np.float32)
-    data = centres[rng.integers(0, 200, count)] + 0.6 * rng.normal(size=(count, dim)).astype(np.float32)
-    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    data, centres = _clustered(rng, count, dim, 200)
     store = Store.create(tmp_path / "ix", encoder={"name": "synthetic"}, dim=dim, backend="milvus",
                          backend_options={"uri": milvus_server, "collection": f"recall{os.getpid()}"})
     with store:
@@ -401,9 +406,7 @@ def test_hnsw_and_ivf_pq_on_a_milvus_server(milvus_server, tmp_path, index_type,
 
     rng = np.random.default_rng(11)
     dim, count = 64, 5_000
-    centres = rng.normal(size=(50, dim)).astype(np.float32)
-    data = centres[rng.integers(0, 50, count)] + 0.6 * rng.normal(size=(count, dim)).astype(np.float32)
-    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    data, _ = _clustered(rng, count, dim, 50)
     store = Store.create(tmp_path / "ix", encoder={"name": "synthetic"}, dim=dim, backend="milvus",
                          backend_options={"uri": milvus_server, "collection": f"{index_type.replace('-', '')}"
                                                                                f"{os.getpid()}"})
