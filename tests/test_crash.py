@@ -75,12 +75,12 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _start(corpus, index_dir, log, delay=0.0):
+def _start(corpus, index_dir, log, delay=0.0, commit_every=COMMIT_EVERY):
     env = dict(os.environ, IMGSEARCH_PLUGINS_DIR=str(corpus / "plugins"), WIDE_TEST_LOG=str(log),
                WIDE_TEST_DELAY=str(delay))
     return subprocess.Popen(
         [sys.executable, "-m", "imgsearch", "index", str(corpus / "photos"), "--index", str(index_dir),
-         "--encoder", "wide-test", "--commit-every", str(COMMIT_EVERY)],
+         "--encoder", "wide-test", "--commit-every", str(commit_every)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # A test run started in the background (nohup, `cmd &` in a script)
         # inherits an ignored SIGINT, which Python then keeps: restore the
@@ -146,30 +146,45 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
     assert embedded - N_IMAGES <= kills * (COMMIT_EVERY + 5), (embedded, kills)
 
 
+def _embedded(log):
+    try:
+        return sum(int(line) for line in log.read_text().split())
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_ctrl_c_and_sigterm_commit_what_is_embedded_and_say_how_to_resume(corpus, tmp_path, signum):
     index_dir = tmp_path / "ix"
+    log = tmp_path / "log"
+    # A commit interval larger than the corpus: no regular commit ever runs,
+    # so whatever the index holds afterwards was committed at interrupt time.
     # 80 batches of at least 50 ms: the signal always lands mid-run.
-    process = _start(corpus, index_dir, tmp_path / "log", delay=0.05)
-
-    def some_work_committed():
-        try:
-            return Store.open(index_dir).count >= COMMIT_EVERY
-        except Exception:
-            return False
+    process = _start(corpus, index_dir, log, delay=0.05, commit_every=10 * N_IMAGES)
 
     end = time.monotonic() + 60
-    while not some_work_committed() and process.poll() is None and time.monotonic() < end:
+    while _embedded(log) < 30 and process.poll() is None and time.monotonic() < end:
         time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    embedded_at_signal = _embedded(log)
+    assert embedded_at_signal >= 30
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: interrupted: ") and "run the same command again to resume" in last
-    with Store.open(index_dir) as store:
-        committed = store.count
-    assert f"the index holds {committed}" in last
-    assert committed >= COMMIT_EVERY
+    committed = _check_consistent(index_dir)
+    # Every batch the encoder had finished when the signal came, except the
+    # one it may have been handing back, is in the index.
+    assert committed >= embedded_at_signal - 5, (committed, embedded_at_signal)
+    assert committed <= _embedded(log)
+    assert f"interrupted: {committed} new images committed in this run, the index holds {committed};" in last
+
+    # The same command again resumes: the rest is added, nothing twice.
+    process = _start(corpus, index_dir, log)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert _check_consistent(index_dir) == N_IMAGES
 
 
 def test_readers_see_committed_states_while_a_writer_works(corpus, tmp_path):
