@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsearch.evaluation import retrieval, score, stratified_folds
+from imgsearch.evaluation import knn_ranked, retrieval, score, stratified_folds
 
 from conftest import PLUGINS_DIR, SAMPLE_DATA, run
 
@@ -186,3 +186,98 @@ def test_damaged_classifier_and_unreadable_test_images(index_dir, tmp_path):
     bad.mkdir(parents=True)
     (bad / "broken.jpg").write_bytes(b"nope")
     assert "could be read" in run("evaluate", "--index", index_dir, "--test", tmp_path / "test", code=2).stderr
+
+
+def _brute_force_held_out(train_vectors, train_labels, test_vectors, test_labels, k, temperature=0.07):
+    """top-1, top-5, precision@k and AP@k of a weighted kNN, from scratch:
+    cosine similarities of every test image with every indexed one."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    similarity = unit(test_vectors) @ unit(train_vectors).T
+    train_labels = np.asarray(train_labels)
+    top1 = top5 = 0
+    precisions, aps = [], []
+    for row, true in enumerate(test_labels):
+        order = np.argsort(-similarity[row], kind="stable")[:k]
+        weights = np.exp(similarity[row, order] / temperature)
+        tally = {label: weights[train_labels[order] == label].sum() for label in set(train_labels[order])}
+        ranked = sorted(tally, key=lambda label: -tally[label])
+        top1 += ranked[0] == true
+        top5 += true in ranked[:5]
+        hits = train_labels[order] == true
+        precisions.append(hits.sum() / k)
+        # AP@k: mean over the relevant images the search could return
+        # (min(k, same-label images indexed)) of the precision at the rank
+        # where each was found; one never found counts 0.
+        found_at = np.flatnonzero(hits) + 1
+        precision_at_hits = [(n + 1) / rank for n, rank in enumerate(found_at)]
+        aps.append(sum(precision_at_hits) / min(k, int((train_labels == true).sum())))
+    n = len(test_labels)
+    return {"top1": top1 / n, "top5": top5 / n, f"precision@{k}": np.mean(precisions), f"map@{k}": np.mean(aps)}
+
+
+def test_held_out_metrics_on_unseen_images_equal_brute_force(tmp_path):
+    """Six images of each class indexed, the other four as test images: the
+    scores are not trivially 1.0 and must equal an independent computation."""
+    import shutil
+
+    from imgsearch.index import Index
+
+    train, test = tmp_path / "train", tmp_path / "test"
+    for label in CLASSES:
+        files = sorted((SAMPLE_DATA / "labelled" / label).iterdir())
+        for folder, chosen in ((train, files[:6]), (test, files[6:])):
+            (folder / label).mkdir(parents=True)
+            for path in chosen:
+                shutil.copy(path, folder / label / path.name)
+    index_dir = tmp_path / "ix"
+    run("index", train, "--index", index_dir, "--encoder", "tiny-color")
+    records = [json.loads(line) for line in run("evaluate", "--index", index_dir, "--test", test, "-k", "1,3,10",
+                                                 "--vote", "weighted", "--format", "json").stdout.splitlines()]
+    assert [(r["method"], r["k"], r["n"]) for r in records] == [("knn", 1, 20), ("knn", 3, 20), ("knn", 10, 20)]
+
+    with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
+        entries, train_vectors = index.labelled_vectors()
+        from imgsearch import images as imgs
+
+        files, _ = imgs.discover([test])
+        test_vectors, kept, bad = index.embed_images(files)
+    assert not bad and len(kept) == 20
+    for record in records:
+        expected = _brute_force_held_out(train_vectors, [e.label for e in entries], test_vectors,
+                                         [f.label for f in kept], record["k"])
+        for key, value in expected.items():
+            assert record[key] == pytest.approx(value, abs=1e-6), (record["k"], key)
+    # the case is not a trivial one: unseen images are often misclassified
+    assert records[0]["top1"] < 1.0 and records[1]["top5"] < 1.0
+    assert all(r[f"map@{r['k']}"] < 1.0 and r[f"precision@{r['k']}"] < 1.0 for r in records)
+    print({r["k"]: {key: r[key] for key in r if key[:3] in ("top", "pre", "map")} for r in records})
+
+
+def test_top5_precision_and_map_with_many_classes_equal_brute_force():
+    """Twelve overlapping classes of synthetic vectors and k up to 20, so the
+    true label is often neither first nor absent from the top five."""
+    rng = np.random.default_rng(7)
+    classes = [f"c{i}" for i in range(12)]
+    centres = rng.standard_normal((12, 16))
+    train_labels = np.repeat(np.arange(12), 15)
+    test_labels = np.repeat(np.arange(12), 5)
+    train = centres[train_labels] + 1.2 * rng.standard_normal((len(train_labels), 16))
+    test = centres[test_labels] + 1.2 * rng.standard_normal((len(test_labels), 16))
+    train_names = [classes[i] for i in train_labels]
+    truth = [classes[i] for i in test_labels]
+    unit_train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    unit_test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    order = np.argsort(-(unit_test @ unit_train.T), axis=1, kind="stable")[:, :20]
+    neighbour_labels = [[train_names[j] for j in row] for row in order]
+    neighbour_scores = [[float(unit_test[i] @ unit_train[j]) for j in row] for i, row in enumerate(order)]
+    for k in (3, 10, 20):
+        ranked = knn_ranked(neighbour_labels, neighbour_scores, k, "weighted", 0.07)
+        ours = score("knn", k, "weighted", truth, ranked)
+        ours.retrieval = retrieval(truth, neighbour_labels, k, [15] * len(truth))
+        expected = _brute_force_held_out(train, train_names, test, truth, k)
+        assert ours.top1 == pytest.approx(expected["top1"]) and ours.top5 == pytest.approx(expected["top5"])
+        for key in (f"precision@{k}", f"map@{k}"):
+            assert ours.retrieval[key] == pytest.approx(expected[key]), key
+        assert 0 < ours.top1 < ours.top5 < 1 and 0 < ours.retrieval[f"map@{k}"] < 1
