@@ -86,20 +86,35 @@ def test_resnet50_openvino_fp32_equals_keras_resnet50(sample_pixels):
     assert cos.min() >= 0.9999
 
 
-def test_bf16_and_int8_stay_close_to_fp32(sample_pixels, lite_keras):
+def _cpu_runs_bf16() -> bool:
+    """Asked of OpenVINO itself, not of imgsearch's own check."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_bf16_stays_close_to_fp32_and_is_not_fp32(sample_pixels, lite_keras):
+    if not _cpu_runs_bf16():
+        pytest.skip("this CPU has no bf16: a bf16 run falls back to fp32, so there is nothing to compare")
     bf16 = _encoder("lite0-any-precision", precision="bf16")
-    # bf16 runs only where the CPU has it; elsewhere it says it runs fp32.
-    assert bf16.runtime_name in ("openvino-bf16", "openvino-fp32")
-    calibration = Calibration.from_paths([LABELLED], bf16.preprocessing)
+    # Where the CPU has bf16, a silent fall back to fp32 is a failure.
+    assert bf16.runtime_name == "openvino-bf16"
+    cos = _cosines(bf16.embed_pixels(sample_pixels), lite_keras)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.94, (cos.min(), cos.mean())
+    # bf16 arithmetic really ran: not the fp32 vectors (cosine 0.9999+ with Keras).
+    assert cos.min() < 0.99999, cos.min()
+
+
+def test_int8_stays_close_to_fp32(sample_pixels, lite_keras):
+    encoder = load_registry(PLUGINS_DIR).get("lite0-any-precision")
+    calibration = Calibration.from_paths([LABELLED], encoder.preprocessing)
     assert len(calibration.paths) == 50 and len(set(calibration.hashes)) == 50
     int8 = _encoder("lite0-any-precision", calibration=calibration)
     assert int8.runtime_name == "openvino-int8"
-    for encoder, floor in ((bf16, 0.99), (int8, 0.95)):
-        vectors = encoder.embed_pixels(sample_pixels)
-        cos = _cosines(vectors, lite_keras)
-        assert cos.mean() >= floor and cos.min() >= floor - 0.05, (encoder.runtime_name, cos.min(), cos.mean())
+    cos = _cosines(int8.embed_pixels(sample_pixels), lite_keras)
+    assert cos.mean() >= 0.95 and cos.min() >= 0.90, (cos.min(), cos.mean())
     # int8 really is another model: not a silent fp32.
-    assert _cosines(int8.embed_pixels(sample_pixels), lite_keras).min() < 0.99999
+    assert cos.min() < 0.99999
 
 
 # -- the cache ----------------------------------------------------------------
