@@ -388,6 +388,44 @@ def test_unreadable_files_and_folders_are_skipped(tmp_path, monkeypatch):
         locked_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
+def test_permission_denied_files_and_folders_are_skipped_even_as_root(tmp_path, monkeypatch):
+    """The same as above without file modes (root reads through chmod 000):
+    opening one file and listing one folder raise PermissionError."""
+    import builtins
+    import errno
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    photo(0, (64, 64)).save(root / "fine.jpg", "JPEG")
+    locked_file = root / "locked.jpg"
+    photo(1, (64, 64)).save(locked_file, "JPEG")
+    locked_folder = root / "locked"
+    locked_folder.mkdir()
+    photo(2, (64, 64)).save(locked_folder / "inside.jpg", "JPEG")
+    real_open, real_scandir = builtins.open, os.scandir
+
+    def denied(path):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == str(locked_file):
+            raise denied(file)
+        return real_open(file, *args, **kwargs)
+
+    def guarded_scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) == str(locked_folder):
+            raise denied(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    index_dir, errors = tmp_path / "ix", tmp_path / "errors.csv"
+    result = run("index", root, "--index", index_dir, "--encoder", "tiny-color", "--errors", errors)
+    skipped = read_errors(errors)
+    assert skipped == {str(locked_file): "permission denied", str(locked_folder): "permission denied"}
+    assert summary(result.stdout, index_dir) == (1, 0, 0, 0, 0, 2, 1)
+
+
 @pytest.mark.slow
 def test_a_named_pipe_with_an_image_name_does_not_hang(tmp_path):
     root = tmp_path / "corpus"
