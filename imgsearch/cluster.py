@@ -142,9 +142,7 @@ def connect(address: str = "auto"):
         yield ray
         return
     kwargs = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
-    # Ray's own meaning of no address: RAY_ADDRESS, else a cluster started
-    # on this machine with 'ray start', else a new local one.
-    target = None if address == "auto" else address
+    target = _cluster_here() if address == "auto" else address
     if target and target != "local" and not target.startswith("ray://"):
         _check_reachable(target)
     try:
@@ -167,6 +165,26 @@ def connect(address: str = "auto"):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _cluster_here() -> str:
+    """What ``auto`` joins: RAY_ADDRESS, else the cluster that 'ray start'
+    recorded on this machine if it still answers, else a new local one.
+    (Ray itself would wait minutes on a recorded cluster that has died.)"""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        recorded = get_ray_address_from_environment("auto", None)
+    except Exception:  # nothing recorded here
+        return "local"
+    try:
+        _check_reachable(recorded)
+    except ImgsearchError:
+        logger.info("the Ray cluster recorded at %s is gone; starting a local one", recorded)
+        return "local"
+    return recorded
 
 
 # -- checking the nodes ----------------------------------------------------

@@ -199,6 +199,25 @@ def test_a_local_cluster_started_for_the_run(tmp_path):
     assert local.returncode == 0
 
 
+def test_auto_starts_a_local_cluster_when_the_recorded_one_is_gone(tmp_path):
+    """'ray start' records its cluster's address on the machine; once that
+    cluster has died, Ray itself would wait minutes on it."""
+    import tempfile
+
+    # A short folder: Ray's socket paths under it must stay short.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)}
+        result = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--encoder",
+                           "paced-color", "--ray", env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "added 50," in result.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_a_plugin_missing_on_the_nodes_is_named(cluster, tmp_path):
     address, env = cluster
     result = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--encoder",
