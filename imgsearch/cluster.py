@@ -174,10 +174,14 @@ def _cluster_here() -> str:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:
-        from ray._private.services import get_ray_address_from_environment
+        # The address file 'ray start' writes (not Ray's scan of this
+        # machine's processes, which also finds clusters of other users).
+        from ray._private.utils import read_ray_address
 
-        recorded = get_ray_address_from_environment("auto", None)
-    except Exception:  # nothing recorded here
+        recorded = read_ray_address()
+    except Exception:  # Ray moved it: join nothing by guesswork
+        recorded = None
+    if not recorded:
         return "local"
     try:
         _check_reachable(recorded)

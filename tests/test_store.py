@@ -245,3 +245,26 @@ def test_metadata_only_changes_write_no_new_vectors_file(tmp_path):
     store.close()
     reopened = Store.open(tmp_path / "ix")
     assert reopened.by_path()["/elsewhere/0.jpg"].label == "new"
+
+
+@pytest.mark.parametrize("leftovers", [
+    {"write.lock": b"", "manifest.json.tmp": b""},  # killed before the copy's first byte
+    {"write.lock": b"", "metadata.sqlite.new": b"SQLite format 3\x00"},
+])
+def test_a_creation_killed_part_way_leaves_a_folder_the_next_run_takes(tmp_path, leftovers):
+    target = tmp_path / "ix"
+    target.mkdir()
+    for name, data in leftovers.items():
+        (target / name).write_bytes(data)
+    Store.check_creatable(target)
+    with Store.create(target, encoder={"name": "synthetic"}, dim=4) as store:
+        assert store.count == 0
+    assert not (target / "manifest.json.tmp").exists() and not (target / "metadata.sqlite.new").exists()
+
+
+def test_a_folder_of_other_files_is_still_refused(tmp_path):
+    target = tmp_path / "ix"
+    target.mkdir()
+    (target / "manifest.json.tmp").write_text("not ours")
+    with pytest.raises(BadIndexError, match="not an imgsearch index and not empty"):
+        Store.check_creatable(target)

@@ -182,6 +182,8 @@ def _is_leftover(path: Path) -> bool:
     """A file an unfinished creation of ours may leave (or our lock file)."""
     if path.name not in _CREATION_LEFTOVERS:
         return False
+    if path.name == MANIFEST_FILE + ".tmp" and path.stat().st_size == 0:
+        return True  # killed between creating the temporary copy and writing it
     if path.name.startswith(MANIFEST_FILE):  # ours only if it reads as our manifest
         try:
             return "format_version" in json.loads(path.read_text())
