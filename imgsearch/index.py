@@ -183,6 +183,14 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
     return encoder
 
 
+def _same_setting(given: str, recorded: str) -> bool:
+    """Whether a backend setting names what the index recorded (a local
+    path may be given relative to the working folder)."""
+    if given == recorded:
+        return True
+    return "://" not in given and os.path.abspath(os.path.expanduser(given)) == recorded
+
+
 def _disk_bytes(directory: Path) -> int:
     total = 0
     for path in directory.iterdir():
@@ -251,6 +259,11 @@ class Index:
                 if backend and backend != recorded:
                     raise UsageError(f"index {directory} keeps its vectors in {recorded}, not {backend}; "
                                      "an existing index keeps its backend")
+                kept = store.manifest.get("backend") or {}
+                for key, given in (backend_options or {}).items():
+                    if given is not None and not _same_setting(str(given), str(kept.get(key))):
+                        raise UsageError(f"index {directory} keeps its vectors at {key} {kept.get(key)!r}, "
+                                         f"not {given!r}; an existing index keeps its backend's settings")
                 return cls(store, registry, _matching_encoder(store, registry, encoder, weights,
                                                               runtime, precision))
             except BaseException:

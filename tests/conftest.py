@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# Set before anything imports gRPC (pymilvus, Ray): its fork handlers can
+# abort a child that a test forks while gRPC threads run in this process.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "sample_data"
 PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"

@@ -329,6 +329,19 @@ def test_an_interrupted_commit_is_mended_by_the_next_writer(milvus, tmp_path, mo
     assert run("verify", "--index", target).stdout.startswith("ok: 40 images")
 
 
+def test_another_uri_for_an_existing_index_is_refused(tmp_path):
+    pytest.importorskip("pymilvus")
+    folder, target = SAMPLE_DATA / "labelled", tmp_path / "ix"
+    uri = tmp_path / "vectors.db"
+    _index(target, folder, ["--backend", "milvus", "--milvus-uri", uri])
+    err = run("index", folder, "--index", target, "--backend", "milvus", "--milvus-uri", tmp_path / "other.db",
+              code=2).stderr
+    assert "keeps its vectors at uri" in err and not (tmp_path / "other.db").exists()
+    # The same place, named relative to the working folder, is accepted.
+    os.chdir(tmp_path)
+    run("index", folder, "--index", target, "--backend", "milvus", "--milvus-uri", "vectors.db")
+
+
 def test_bad_backend_settings_are_one_line_errors_and_leave_nothing(milvus, tmp_path):
     uri, collection = milvus
     target = tmp_path / "ix"

@@ -56,6 +56,10 @@ def register_backends(register):
 
 
 def _pymilvus():
+    # gRPC's fork handlers abort a child forked while its threads run (a
+    # subprocess started after a Milvus call) and log a line at each fork;
+    # nothing here forks to use gRPC in the child, so they are switched off.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         import pymilvus
     except ImportError:
