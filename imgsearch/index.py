@@ -437,12 +437,13 @@ class Index:
                 if ray:
                     from . import cluster
 
-                    session = stack.enter_context(cluster.connect(ray))
                     plugins_dir = (self.registry.plugins_dir if self.registry.from_plugins_dir(encoder.name)
                                    else None)
                     spec = cluster.spec_for(encoder, plugins_dir=plugins_dir, max_megapixels=max_megapixels,
                                             formats=formats, batch_size=batch_size, gpus_per_actor=ray_gpus)
-                    source = self._embedded_remotely(session, files, spec, sync, ray_gpus)
+                    # Joined only when some file needs embedding.
+                    connect = lambda: stack.enter_context(cluster.connect(ray))  # noqa: E731
+                    source = self._embedded_remotely(connect, files, spec, sync, ray_gpus)
                 else:
                     # Files are read and decoded ahead in worker threads while
                     # this thread runs the encoder.
@@ -472,7 +473,7 @@ class Index:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _embedded_remotely(self, ray, files, spec, sync, gpus_per_actor):
+    def _embedded_remotely(self, connect, files, spec, sync, gpus_per_actor):
         """Prepared files in file order, the vectors made on a Ray cluster.
         Files unchanged since they were indexed are recognised here, so a
         resumed run sends only the rest."""
@@ -490,7 +491,8 @@ class Index:
                 unchanged = sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime)
             local.append(_Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
                          if unchanged else None)
-        remote = cluster.embed(ray, [str(f.path) for f, done in zip(files, local) if done is None], spec,
+        todo = [str(f.path) for f, done in zip(files, local) if done is None]
+        remote = cluster.embed(connect() if todo else None, todo, spec,
                                gpus_per_actor=gpus_per_actor)
         with contextlib.closing(remote):
             for file, done in zip(files, local):

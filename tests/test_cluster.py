@@ -253,6 +253,14 @@ def test_no_cluster_at_the_address(tmp_path):
     assert not (tmp_path / "ix").exists()
 
 
+def test_nothing_to_embed_joins_no_cluster(tmp_path):
+    assert imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--encoder",
+                     "paced-color").returncode == 0
+    again = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--ray",
+                      f"127.0.0.1:{free_port()}")  # nothing listens there
+    assert again.returncode == 0 and "unchanged 50," in again.stdout, again.stderr
+
+
 def test_gpus_without_ray_is_a_usage_error(tmp_path):
     result = imgsearch("index", SAMPLE_DATA / "labelled", "--index", tmp_path / "ix", "--ray-gpus", "1")
     assert result.returncode == 2 and "--ray-gpus needs --ray" in result.stderr
