@@ -362,9 +362,8 @@ def test_a_real_process_goes_through_the_corpus_without_hanging(tmp_path, corpus
     check_indexed(corpus, index_dir)
 
 
-def test_unreadable_files_and_folders_are_skipped(tmp_path, monkeypatch):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 cannot keep root from reading, so nothing is unreadable")
+def _corpus_with_locked_places(tmp_path):
+    """A readable photo, a photo and a folder (with a photo) to lock."""
     root = tmp_path / "corpus"
     root.mkdir()
     photo(0, (64, 64)).save(root / "fine.jpg", "JPEG")
@@ -373,6 +372,13 @@ def test_unreadable_files_and_folders_are_skipped(tmp_path, monkeypatch):
     locked_folder = root / "locked"
     locked_folder.mkdir()
     photo(2, (64, 64)).save(locked_folder / "inside.jpg", "JPEG")
+    return root, locked_file, locked_folder
+
+
+def test_unreadable_files_and_folders_are_skipped(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 cannot keep root from reading, so nothing is unreadable")
+    root, locked_file, locked_folder = _corpus_with_locked_places(tmp_path)
     locked_file.chmod(0)
     locked_folder.chmod(0)
     try:
@@ -394,14 +400,7 @@ def test_permission_denied_files_and_folders_are_skipped_even_as_root(tmp_path, 
     import builtins
     import errno
 
-    root = tmp_path / "corpus"
-    root.mkdir()
-    photo(0, (64, 64)).save(root / "fine.jpg", "JPEG")
-    locked_file = root / "locked.jpg"
-    photo(1, (64, 64)).save(locked_file, "JPEG")
-    locked_folder = root / "locked"
-    locked_folder.mkdir()
-    photo(2, (64, 64)).save(locked_folder / "inside.jpg", "JPEG")
+    root, locked_file, locked_folder = _corpus_with_locked_places(tmp_path)
     real_open, real_scandir = builtins.open, os.scandir
 
     def denied(path):
