@@ -32,9 +32,7 @@ from . import images as imgs
 from .errors import ImgsearchError, UsageError, first_line
 
 INSTALL_HINT = "pip install 'imgsearch[ray]'"
-# Seconds to wait for a cluster that answers but will not let us in (token
-# authentication) and for each node's check; Ray's own waits are minutes.
-CONNECT_TIMEOUT_S = 60
+# Seconds to wait for every node's check (Ray's own waits are minutes).
 PROBE_TIMEOUT_S = 120
 # CPU share each decoding task asks for.  Ray Data's map tasks need a share
 # of their own: actors that take every CPU of a node starve the reading step,
@@ -116,16 +114,14 @@ def _check_reachable(address: str) -> None:
                            "is 'ray start --head' running there?") from None
 
 
-@contextlib.contextmanager
-def _quiet_ray():
-    """Ray logs each step of starting a cluster and running a dataset, from
-    Python and from its C++ core; the driver shows a bar of its own, and
-    problems reach the user as one-line errors instead."""
+def _quiet_ray() -> None:
+    """Ray's Python loggers report each step of starting a cluster and
+    running a dataset; the driver shows a bar of its own, and problems reach
+    the user as one-line errors instead.  (Ray's C++ core logs on its own.)"""
     logging.getLogger("ray").setLevel(logging.ERROR)
     # Ray Data logs a failed run with its traceback; the error reaches the
     # user as one line from the driver.
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    yield
 
 
 @contextlib.contextmanager
@@ -146,8 +142,8 @@ def connect(address: str = "auto"):
     if target and target != "local" and not target.startswith("ray://"):
         _check_reachable(target)
     try:
-        with _quiet_ray():
-            ray.init(address=target, **kwargs)
+        _quiet_ray()
+        ray.init(address=target, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(
             f"cannot connect to the Ray cluster ({first_line(exc)}); if the cluster uses "
@@ -397,8 +393,8 @@ def embed(ray, paths: list[str], spec: WorkerSpec, *, gpus_per_actor: float = 0.
         return
     nodes = check_nodes(ray, spec)
     actors, resources = _actor_plan(nodes, gpus_per_actor)
-    with _quiet_ray():  # Ray Data sets up its logging when first imported
-        context = ray.data.DataContext.get_current()
+    context = ray.data.DataContext.get_current()
+    _quiet_ray()  # again: Ray Data sets up its own logging when first used
     context.execution_options.preserve_order = True  # the driver commits in file order
     context.enable_progress_bars = False
     context.print_on_execution_start = False

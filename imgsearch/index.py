@@ -410,15 +410,18 @@ class Index:
         # the main thread changes it.
         sync_lock = sync.lock
 
+        def known(file: imgs.ImageFile, stat: os.stat_result) -> _Prepared | None:
+            """The file as indexed, when its path, size and mtime are unchanged."""
+            with sync_lock:
+                unchanged = sync.unchanged_on_disk(str(file.path), stat.st_size, stat.st_mtime)
+            return _Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True) if unchanged else None
+
         def prepare(file: imgs.ImageFile, *, force: bool = False) -> _Prepared:
             path = str(file.path)
             try:
                 stat = os.stat(file.path)
-                if not force:
-                    with sync_lock:
-                        unchanged = sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime)
-                    if unchanged:
-                        return _Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
+                if not force and (done := known(file, stat)):
+                    return done
                 data = imgs.read_bytes(file.path)
                 sha = sha256_bytes(data)
                 if not force:
@@ -443,7 +446,7 @@ class Index:
                                             formats=formats, batch_size=batch_size, gpus_per_actor=ray_gpus)
                     # Joined only when some file needs embedding.
                     connect = lambda: stack.enter_context(cluster.connect(ray))  # noqa: E731
-                    source = self._embedded_remotely(connect, files, spec, sync, ray_gpus)
+                    source = self._embedded_remotely(connect, files, spec, known, ray_gpus)
                 else:
                     # Files are read and decoded ahead in worker threads while
                     # this thread runs the encoder.
@@ -473,7 +476,7 @@ class Index:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _embedded_remotely(self, connect, files, spec, sync, gpus_per_actor):
+    def _embedded_remotely(self, connect, files, spec, known, gpus_per_actor):
         """Prepared files in file order, the vectors made on a Ray cluster.
         Files unchanged since they were indexed are recognised here, so a
         resumed run sends only the rest."""
@@ -481,16 +484,12 @@ class Index:
 
         local: list[_Prepared | None] = []
         for file in files:
-            path = str(file.path)
             try:
                 stat = os.stat(file.path)
             except OSError:
                 local.append(None)  # the worker reports why
                 continue
-            with sync.lock:
-                unchanged = sync.unchanged_on_disk(path, stat.st_size, stat.st_mtime)
-            local.append(_Prepared(file, size=stat.st_size, mtime=stat.st_mtime, unchanged=True)
-                         if unchanged else None)
+            local.append(known(file, stat))
         todo = [str(f.path) for f, done in zip(files, local) if done is None]
         remote = cluster.embed(connect() if todo else None, todo, spec,
                                gpus_per_actor=gpus_per_actor)
