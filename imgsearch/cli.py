@@ -528,9 +528,10 @@ def optimize(ctx, index_dir, index_type, target_recall, max_memory, force):
 @main.command()
 @index_option
 @click.option("--repair", is_flag=True,
-              help="Rewrite manifest.json from the metadata; for a remote backend, also delete vectors no "
-                   "image names and forget images whose vector is missing (the next 'imgsearch index' "
-                   "embeds their files again).")
+              help="Mend what can be mended: remove files left by unfinished commits, rewrite a missing, "
+                   "damaged or stale manifest.json from the metadata; for a remote backend, also delete "
+                   "vectors no image names and forget images whose vector is missing (the next 'imgsearch "
+                   "index' embeds their files again).  Without it, verify changes nothing.")
 @click.pass_context
 def verify(ctx, index_dir, repair):
     """Check an index: metadata, vectors and manifest against each other.
@@ -544,11 +545,14 @@ def verify(ctx, index_dir, repair):
     from .store import Store
 
     # Checked under the writer lock: a commit landing halfway through the
-    # checks would look like damage.
-    store = Store.open(index_dir, writable=True, check_manifest=not repair)
+    # checks would look like damage.  Without --repair nothing is written.
+    store = Store.open(index_dir, writable=repair, exclusive=True, check_manifest=False)
     with store:
         if repair:
-            store.repair_manifest_copy()
+            if store.cleaned:
+                click.echo(f"repaired: removed files left by an unfinished commit: {', '.join(sorted(store.cleaned))}")
+            if store.repair_manifest_copy():
+                click.echo("repaired: rewrote manifest.json from the metadata")
             for done in store.backend.repair():
                 click.echo(f"repaired: {done}")
         problems, notes = store.verify(progress=_progress_bar("verifying"))

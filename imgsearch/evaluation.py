@@ -164,13 +164,10 @@ def _neighbours(search, queries: np.ndarray, k: int, exclude: list[int] | None =
     return labels_out, scores_out, best
 
 
-def _flat_search(vectors: np.ndarray, ids: np.ndarray):
-    import faiss
-
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    if len(vectors):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
-    return lambda queries, k: index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+def _search_among(store, ids: np.ndarray):
+    """The index's own search, restricted to ``ids``: every mode votes among
+    labelled images found the way ``classify`` finds them."""
+    return lambda queries, k: store.nearest(queries, k, among=ids)
 
 
 def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None = None, folds: int = 5,
@@ -196,8 +193,10 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
     entries, vectors = index.labelled_vectors()
     if not entries:
         raise UsageError(f"index {index.store.directory} has no labels to evaluate against")
-    # Neighbours without a label vote for nothing; only labelled rows are read.
+    # Every mode searches the labelled images alone (cross-validation: those
+    # of the training folds), as classify does; only labelled rows are read.
     label_of = {e.id: e.label for e in entries}
+    ids = np.asarray([e.id for e in entries], dtype=np.int64)
     notes: list[str] = []
     skipped: list = []
     k_max = ks[-1]
@@ -226,17 +225,16 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
                              f"(first: {bad[0].path}: {bad[0].reason})")
         paths = [str(f.path) for f in kept]
         truth = [f.label for f in kept]
-        neighbour_ids, neighbour_scores, best = _neighbours(index.store.nearest, queries, k_max)
+        neighbour_ids, neighbour_scores, best = _neighbours(_search_among(index.store, ids), queries, k_max)
         folds_of = [(np.arange(len(kept)), queries, None)]
     elif mode in ("leave-one-out", "cv"):
         paths = [e.path for e in entries]
         truth = [e.label for e in entries]
-        ids = np.asarray([e.id for e in entries], dtype=np.int64)
         neighbour_ids = [None] * len(entries)
         neighbour_scores = [None] * len(entries)
         best = [None] * len(entries)
         if mode == "leave-one-out":
-            found = _neighbours(index.store.nearest, vectors, k_max, exclude=list(ids))
+            found = _neighbours(_search_among(index.store, ids), vectors, k_max, exclude=list(ids))
             neighbour_ids, neighbour_scores, best = (list(x) for x in found)
             folds_of = [(np.arange(len(entries)), vectors, None)]
         else:
@@ -245,7 +243,7 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
             folds_of = []
             for test_rows in stratified_folds(truth, folds, seed):
                 train_rows = np.setdiff1d(np.arange(len(entries)), test_rows)
-                found = _neighbours(_flat_search(vectors[train_rows], ids[train_rows]), vectors[test_rows], k_max)
+                found = _neighbours(_search_among(index.store, ids[train_rows]), vectors[test_rows], k_max)
                 for j, row in enumerate(test_rows):
                     neighbour_ids[row], neighbour_scores[row], best[row] = found[0][j], found[1][j], found[2][j]
                 folds_of.append((test_rows, vectors[test_rows], train_rows))

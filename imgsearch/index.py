@@ -636,9 +636,12 @@ class Index:
         """The ``k`` most similar indexed images of each image file."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
-        vectors, hashes = self.embed_files(paths)
+        return self._nearest(paths, *self.embed_files(paths), k=k, include_self=include_self)
+
+    def _nearest(self, paths, vectors, hashes, *, k: int, include_self: bool,
+                 labelled: bool = False) -> list[QueryResult]:
         # One extra neighbour so that dropping the query itself still leaves k.
-        found = self.store.search(vectors, k if include_self else k + 1)
+        found = self.store.search(vectors, k if include_self else k + 1, labelled=labelled)
         results = []
         for path, sha, hits in zip(paths, hashes, found):
             if not include_self:
@@ -770,8 +773,12 @@ class Index:
                 f"index {self.store.directory} has no labels; index class folders "
                 "(root/<label>/image.jpg) or pass --labels CSV"
             )
+        if k < 1:
+            raise UsageError(f"k must be at least 1, not {k}")
         results = []
-        for result in self.query(paths, k=k, include_self=include_self):
+        # The k nearest labelled images vote: unlabelled ones are not searched.
+        for result in self._nearest(paths, *self.embed_files(paths), k=k, include_self=include_self,
+                                    labelled=True):
             decision = knn.vote([(h.entry.label, h.score) for h in result.hits], vote, temperature)
             results.append(Classification(result.query, decision.label, decision.confidence, result.hits))
         return results

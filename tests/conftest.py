@@ -102,3 +102,22 @@ def kill_when(process, condition, deadline=120.0):
             return True
     process.wait()
     return False
+
+
+def sqlite_writing(index_dir):
+    """A condition for kill_when: SQLite is writing a commit, i.e. its
+    write-ahead log (metadata.sqlite-wal) changed since the last look."""
+    wal = Path(index_dir) / "metadata.sqlite-wal"
+    last = [None]
+
+    def check():
+        try:
+            stat = wal.stat()
+            now = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            now = None
+        changed = now is not None and last[0] is not None and now != last[0]
+        last[0] = now
+        return changed
+
+    return check

@@ -435,3 +435,36 @@ def test_hnsw_and_ivf_pq_on_a_milvus_server(milvus_server, tmp_path, index_type,
         truth = np.argsort(-(queries @ data.T), axis=1)[:, :10] + 1
         recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
         assert recall >= 0.9, recall
+
+
+def test_classify_and_evaluate_vote_among_labelled_images(backend, tmp_path, monkeypatch):
+    """Unlabelled near-copies of the query are its nearest images, yet the
+    k nearest labelled ones vote, found by the backend's own restricted
+    search (Milvus: a filter, several expressions merged) and equal to
+    exact search over the labelled vectors."""
+    import imgsearch_milvus
+    from test_partly_labelled import _near_copy
+
+    from imgsearch.index import Index
+
+    monkeypatch.setattr(imgsearch_milvus, "FILTER_IDS", 7)  # many filter expressions, merged
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(3):
+        _near_copy(QUERY, loose / f"copy-{i}.png", i + 1)
+    target = tmp_path / "ix"
+    run("index", SAMPLE_DATA / "labelled", loose, "--index", target, "--encoder", "tiny-color", *backend)
+    with Index.open(target, plugins_dir=PLUGINS_DIR) as index:
+        entries, vectors = index.labelled_vectors()
+        query = index.embed_files([QUERY])[0][0]
+    scores = vectors @ query
+    nearest = np.argsort(-scores, kind="stable")[:5]
+    found = json.loads(run("classify", QUERY, "--index", target, "-k", "5", "--format", "json").stdout)
+    assert [n["path"] for n in found["neighbors"]] == [entries[i].path for i in nearest]
+    assert found["label"] is not None
+    record = json.loads(run("evaluate", "--index", target, "--leave-one-out", "-k", "3", "--format", "json").stdout)
+    reference = tmp_path / "reference"
+    run("index", SAMPLE_DATA / "labelled", "--index", reference, "--encoder", "tiny-color")
+    expected = json.loads(run("evaluate", "--index", reference, "--leave-one-out", "-k", "3",
+                              "--format", "json").stdout)
+    assert record["top1"] == pytest.approx(expected["top1"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import kill_when
+from conftest import kill_when, sqlite_writing
 from imgsearch.store import Store
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,7 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
     def tmp_file_exists():
         return index_dir.exists() and any(name.endswith(".tmp") for name in os.listdir(index_dir))
 
-    def journal_exists():  # inside SQLite's commit
-        return (index_dir / "metadata.sqlite-journal").exists()
+    journal_exists = sqlite_writing(index_dir)  # inside SQLite's commit
 
     def generation_at_least(g):
         def check():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_DATA, kill_when, run
+from conftest import SAMPLE_DATA, kill_when, run, sqlite_writing
 from imgsearch.encoders import l2_normalize
 from imgsearch.errors import BadIndexError
 from imgsearch.store import Changes, Entry, Store, optimize
@@ -233,7 +233,7 @@ def test_sigkill_during_optimize_loses_nothing(unmerged_index, tmp_path):
         return lambda: any(index_dir.glob(pattern))
 
     plans = [exists("seg-*.vec.tmp"), exists("ann-*.tmp"), exists("ann-*.faiss"),
-             lambda: (index_dir / "metadata.sqlite-journal").exists()]
+             sqlite_writing(index_dir)]
     kills = 0
     for plan in plans:
         shutil.rmtree(index_dir, ignore_errors=True)

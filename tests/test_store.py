@@ -1,6 +1,7 @@
 """The store against a brute-force reference, and its commit and error rules."""
 
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -268,3 +269,89 @@ def test_a_folder_of_other_files_is_still_refused(tmp_path):
     (target / "manifest.json.tmp").write_text("not ours")
     with pytest.raises(BadIndexError, match="not an imgsearch index and not empty"):
         Store.check_creatable(target)
+
+
+def test_a_long_search_does_not_hold_up_a_commit(tmp_path, monkeypatch):
+    """A reader's search that takes long (a large index, a slow disk) while
+    a writer commits: the commit lands during the search, and the search
+    answers from the new state."""
+    import threading
+
+    from imgsearch.store.store import LocalBackend
+
+    rng = np.random.default_rng(11)
+    data = l2_normalize(rng.standard_normal((50, DIM)))
+    writer = _store(tmp_path, data)
+    reader = Store.open(tmp_path / "ix")
+    searching, committed = threading.Event(), threading.Event()
+    waited = []
+    original = LocalBackend.search
+
+    def slow_search(self, queries, k):
+        if not searching.is_set():
+            searching.set()
+            # The search goes on until the writer's commit is through (or
+            # gives up after a while, as a reader holding the writer back would).
+            waited.append(committed.wait(timeout=10))
+        return original(self, queries, k)
+
+    monkeypatch.setattr(LocalBackend, "search", slow_search)
+    fresh = l2_normalize(rng.standard_normal((1, DIM)))
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(reader.search(fresh, 3)))
+    thread.start()
+    assert searching.wait(timeout=10)
+    _add(writer, fresh, start=50)
+    committed.set()
+    thread.join(timeout=30)
+    assert waited == [True], "the commit waited for the reader's search to end"
+    # The commit landed while the search ran: it was searched again, on the new state.
+    assert answer[0][0][0].entry.id == 51 and answer[0][0][0].score == pytest.approx(1.0, abs=1e-5)
+    reader.close()
+    writer.close()
+
+
+class _FailingConnection:
+    """The metadata connection with one read failing the way SQLite fails on
+    an I/O error: it rolls the transaction back itself, then raises.  (An I/O
+    error cannot be caused on purpose here; SQLite's own behaviour is what
+    this stands in for.)"""
+
+    def __init__(self, db, failing_sql):
+        self._db, self._failing_sql = db, failing_sql
+
+    def execute(self, sql, *args):
+        if sql.startswith(self._failing_sql):
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def test_an_error_while_a_search_reloads_the_state_is_reported_as_itself(tmp_path):
+    rng = np.random.default_rng(12)
+    writer = _store(tmp_path, l2_normalize(rng.standard_normal((10, DIM))))
+    reader = Store.open(tmp_path / "ix")
+    _add(writer, l2_normalize(rng.standard_normal((5, DIM))), start=10)  # the reader must reload
+    reader._db = _FailingConnection(reader._db, "SELECT count(*) FROM images")
+    with pytest.raises(BadIndexError) as info:
+        reader.search(l2_normalize(rng.standard_normal((1, DIM))), 3)
+    assert "disk I/O error" in str(info.value) and "no transaction" not in str(info.value)
+    reader._db = reader._db._db
+    reader.close()
+    writer.close()
+
+
+def test_the_metadata_is_written_ahead_and_readers_leave_no_files(tmp_path):
+    rng = np.random.default_rng(13)
+    store = _store(tmp_path, l2_normalize(rng.standard_normal((10, DIM))))
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    files = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    with Store.open(tmp_path / "ix") as reader:
+        reader.search(l2_normalize(rng.standard_normal((1, DIM))), 3)
+    # SQLite's log and shared-memory files go with the last connection.
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == files

@@ -26,6 +26,7 @@ the manifest with the recall it reached.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -149,19 +150,22 @@ def _sweep(index_type: str, index) -> list[int]:
             if p <= index.nlist] + ([index.nlist] if index.nlist > 512 else [])
 
 
-def _params(index_type: str, value: int, dead: np.ndarray | None):
+def _params(index_type: str, value: int, skip: np.ndarray | None):
     import faiss
 
-    selector = None
-    if dead is not None and dead.any():
-        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.nonzero(dead)[0].astype(np.int64)))
+    selector = bits = None
+    if skip is not None and skip.any():
+        # One bit per row that may answer: as cheap for a few removed rows
+        # as for a search restricted to a small part of the index.
+        bits = np.packbits(~skip, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(skip), faiss.swig_ptr(bits))
     if index_type == "hnsw":
         params = faiss.SearchParametersHNSW(efSearch=int(value))
     else:
         params = faiss.SearchParametersIVF(nprobe=int(value))
     if selector is not None:
         params.sel = selector
-    return params, selector  # the selector must outlive the search
+    return params, (selector, bits)  # both must outlive the search
 
 
 def _refine(segment, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +217,7 @@ class AnnIndex:
         return sha256_file(self.segment.path.with_name(self.file)) == self.built.get("sha256")
 
     def search(self, queries: np.ndarray, k: int, value: int | None = None,
-               widen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               widen: bool = True, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and rows ``(n, k)`` of the segment, best first, exact scores.
 
         Removed vectors are skipped inside FAISS, so the lists next to a
@@ -222,17 +226,18 @@ class AnnIndex:
         many live vectors as the tuned probes scan in a whole index; HNSW
         widens its beam by the share removed.  Either doubles its reach
         while some query is still short of ``k`` results (``widen``; tuning
-        turns it off to measure the parameter itself)."""
+        turns it off to measure the parameter itself).  ``skip``: rows that
+        may not answer (default the removed ones), treated the same way."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        dead = self.segment.dead
-        live = self.segment.live
+        dead = self.segment.dead if skip is None else skip
+        live = self.segment.count - int(dead.sum())
         value = value or self.built["params"]["value"]
         wanted = min(live, k * self.built["params"]["refine"])
         if wanted <= 0:
             return _refine(self.segment, queries, np.full((len(queries), 0), -1, np.int64), k)
         most = getattr(self.index, "nlist", None) or max(self.segment.count, value)
         if live < self.segment.count:
-            value = self._reach(queries, value)
+            value = self._reach(queries, value, dead)
         while True:
             params, _selector = _params(self.type, min(value, most), dead)
             _, rows = self.index.search(queries, wanted, params=params)
@@ -240,13 +245,13 @@ class AnnIndex:
                 return _refine(self.segment, queries, rows, k)
             value *= 2
 
-    def _reach(self, queries: np.ndarray, value: int) -> int:
-        """The probes (or beam) that make up for the removed vectors."""
+    def _reach(self, queries: np.ndarray, value: int, skip: np.ndarray) -> int:
+        """The probes (or beam) that make up for the rows skipped."""
         if self.type == "hnsw":
-            return int(math.ceil(value * self.segment.count / max(self.segment.live, 1)))
+            return int(math.ceil(value * self.segment.count / max(self.segment.count - int(skip.sum()), 1)))
         nlist = self.index.nlist
-        removed = int(self.segment.dead.sum())
-        if getattr(self, "_live_lists", (None, -1))[1] != removed:
+        key = hashlib.blake2b(np.packbits(skip).tobytes(), digest_size=16).digest()
+        if getattr(self, "_live_lists", (None, None))[1] != key:
             import faiss
 
             lists = self.index.invlists
@@ -255,8 +260,8 @@ class AnnIndex:
                 size = lists.list_size(number)
                 if size:
                     ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
-                    counts[number] = size - int(self.segment.dead[ids].sum())
-            self._live_lists = (counts, removed)
+                    counts[number] = size - int(skip[ids].sum())
+            self._live_lists = (counts, key)
         counts = self._live_lists[0]
         # What the tuned probes scan, on average, with nothing removed.
         target = value * self.segment.count / nlist

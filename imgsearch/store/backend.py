@@ -18,7 +18,7 @@ part in each commit in four steps:
 ``abandon``
     when the transaction failed: undo what ``stage`` did, as far as it can.
 
-Searching, reading vectors back, building the approximate index (same
+Searching (all vectors, or only those of given ids), reading vectors back, building the approximate index (same
 automatic choice and recall target for every backend, see :mod:`.ann`),
 checking (``verify``) and describing it (``info``) complete the interface.
 
@@ -122,6 +122,23 @@ class VectorBackend(ABC):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids ``(n, k)`` by inner product, best first; where
         fewer than ``k`` are found, scores ``-inf`` and ids ``-1``."""
+
+    def search_among(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`search`, but only the vectors of ``ids`` (sorted,
+        unique, all live) may answer: ``classify`` and ``evaluate`` vote
+        among labelled images only.  This default reads those vectors and
+        searches them exactly, a chunk at a time; a backend should override
+        it with a filtered search of its own."""
+        from .segments import pad, top_k
+
+        best = np.full((len(queries), 0), -np.inf, np.float32)
+        best_ids = np.full((len(queries), 0), -1, np.int64)
+        for start in range(0, len(ids), 16384):
+            chunk = np.asarray(ids[start:start + 16384], dtype=np.int64)
+            scores = queries @ self.vectors(chunk).T
+            best, best_ids = top_k(np.hstack([best, scores]),
+                                   np.hstack([best_ids, np.broadcast_to(chunk, scores.shape)]), k)
+        return pad(best, best_ids, k)
 
     @abstractmethod
     def vectors(self, ids: np.ndarray) -> np.ndarray:

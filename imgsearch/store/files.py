@@ -70,14 +70,22 @@ def deferred_signals():
             signal.raise_signal(received[0])
 
 
-def lock(directory: Path):
-    """Take the folder's writer lock, or raise IndexLockedError."""
+def lock(directory: Path, *, create: bool = True):
+    """Take the folder's writer lock, or raise IndexLockedError.  Without
+    ``create`` (a reader that must see no commit land, such as ``verify``)
+    the lock file is only opened for reading, and a folder without one is
+    not locked at all: nothing is written."""
     try:
         import fcntl
     except ImportError:  # no advisory locks on this platform; single writer is on the user
         return None
     try:
-        handle = open(directory / LOCK_FILE, "a+")
+        if not create:
+            if not (directory / LOCK_FILE).exists():
+                return None
+            handle = open(directory / LOCK_FILE, "r")
+        else:
+            handle = open(directory / LOCK_FILE, "a+")
     except OSError as exc:
         raise BadIndexError(f"cannot write to index {directory}: {exc.strerror or exc}") from None
     try:

@@ -225,11 +225,14 @@ class Segment:
             self._map = np.ndarray((self.count, self.dim), dtype="<f4", buffer=whole, offset=self._base)
         return self._map
 
-    def search(self, queries: np.ndarray, k: int, mapped: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner product over the live rows: scores and rows
-        ``(n, k)``, best first, padded with -inf and -1.  ``mapped``: through
-        the memory map (fastest when searched again and again; its pages
-        then count as this process's memory), else with plain reads."""
+    def search(self, queries: np.ndarray, k: int, mapped: bool = True,
+               skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner product over the live rows (those not in ``skip``,
+        default the removed ones): scores and rows ``(n, k)``, best first,
+        padded with -inf and -1.  ``mapped``: through the memory map
+        (fastest when searched again and again; its pages then count as
+        this process's memory), else with plain reads."""
+        skip = self.dead if skip is None else skip
         n = len(queries)
         best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
         best_rows = np.full((n, 0), -1, dtype=np.int64)
@@ -240,12 +243,26 @@ class Segment:
             pieces = self.chunks()
         for start, _, block in pieces:
             scores = queries @ block.T
-            dead = self.dead[start:start + len(block)]
+            dead = skip[start:start + len(block)]
             if dead.any():
                 scores[:, dead] = -np.inf
             rows = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
             best_scores, best_rows = top_k(np.hstack([best_scores, scores]),
                                            np.hstack([best_rows, rows]), k)
+        return pad(best_scores, best_rows, k)
+
+
+    def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search among the given rows only (read one by one: for a
+        few rows of a large segment)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        best_rows = np.full((len(queries), 0), -1, dtype=np.int64)
+        for start in range(0, len(rows), _CHUNK_ROWS):
+            chunk = rows[start:start + _CHUNK_ROWS]
+            scores = queries @ self.rows(chunk).T
+            best_scores, best_rows = top_k(np.hstack([best_scores, scores]),
+                                           np.hstack([best_rows, np.broadcast_to(chunk, scores.shape)]), k)
         return pad(best_scores, best_rows, k)
 
 

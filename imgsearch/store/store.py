@@ -12,7 +12,9 @@ An index is a directory::
     manifest.json      a readable copy of the manifest
     write.lock         held by the one process that writes
 
-The SQLite transaction is the single commit point.  A commit writes only
+The SQLite transaction is the single commit point (in write-ahead-log
+mode: readers go on reading the last commit while one is written, and a
+search holds no transaction while it searches).  A commit writes only
 its own new vectors, as one new segment file (temporary name, fsync,
 rename), then records the rows, the segment with its checksum, and a
 tombstone for every vector it removes or replaces, in one transaction.  Its
@@ -196,6 +198,14 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection to the metadata, for reading and writing alike (a
+    reader only reads, but replaying the log a killed writer left needs an
+    ordinary connection).  Shared between threads by callers that serialise
+    their use (the indexer's workers look rows up under one lock)."""
+    return sqlite3.connect(path, timeout=30, check_same_thread=False)
+
+
 def _chunks(items, size: int = _BATCH):
     items = list(items)
     for start in range(0, len(items), size):
@@ -278,11 +288,13 @@ class Store:
         self._checked: set[tuple[str, str]] = set()  # (file, sha256) whose checksum held
         self._sha_index: _ShaIndex | None = None
         self.backend: backends.VectorBackend | None = None  # named by the manifest, opened with it
+        self.cleaned: list[str] = []  # files of unfinished commits a writer removed on opening
         try:
             self._load_state()
             if check_manifest:
                 self._check_manifest_copy()
             if writable:
+                self._write_ahead()
                 self._remove_leftovers()
         except BaseException:
             self.close()
@@ -401,7 +413,7 @@ class Store:
         # leaves a folder that looks like an index but is not one.
         os.replace(tmp, directory / METADATA_FILE)
         fsync_dir(directory)
-        db = sqlite3.connect(directory / METADATA_FILE, timeout=30, check_same_thread=False)
+        db = _connect(directory / METADATA_FILE)
         try:
             return cls(directory, db, writable=True, lock_handle=lock)
         except BaseException:
@@ -412,9 +424,13 @@ class Store:
             raise
 
     @classmethod
-    def open(cls, directory, *, writable: bool = False, check_manifest: bool = True) -> "Store":
+    def open(cls, directory, *, writable: bool = False, check_manifest: bool = True,
+             exclusive: bool = False) -> "Store":
         """An existing index.  A writer converts an index of format 1 (one
-        FAISS file rewritten by every commit) in place; a reader asks for that."""
+        FAISS file rewritten by every commit) in place, removes what
+        unfinished commits left and refreshes a stale manifest copy; a
+        reader changes nothing.  ``exclusive``: a reader that holds the
+        writer lock, so that no commit lands while it reads (``verify``)."""
         directory = Path(directory)
         if not directory.exists():
             raise BadIndexError(f"no index at {directory} (create one with 'imgsearch index')")
@@ -424,17 +440,17 @@ class Store:
         if not path.is_file():
             raise BadIndexError(f"{directory} is not an imgsearch index (it has no {METADATA_FILE})")
         try:
-            # Readers too use an ordinary connection (and only read): a writer
-            # killed inside a SQLite commit leaves a journal that the next
-            # connection must roll back, which a read-only one cannot do.
-            # Shared between threads by callers that serialise their use
-            # (the indexer's workers look rows up under one lock).
-            db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            db = _connect(path)
             db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
         if not writable:
-            return cls(directory, db, False, check_manifest)
+            try:
+                handle = _lock(directory, create=False) if exclusive else None
+            except BaseException:
+                db.close()
+                raise
+            return cls(directory, db, False, check_manifest, lock_handle=handle)
         from .legacy import convert_if_old
 
         handle = None
@@ -486,7 +502,7 @@ class Store:
                     for segment, image_id in self._db.execute("SELECT segment, id FROM tombstones"):
                         tombstones.setdefault(segment, []).append(image_id)
                 finally:
-                    self._db.execute("COMMIT")
+                    self._end_read()
                 self.manifest = manifest
                 self._next_id = int(state["next_id"])
                 self._next_segment = int(state["next_segment"])
@@ -521,6 +537,29 @@ class Store:
                 self._view.close()
             self._view = view
             return
+
+    def _write_ahead(self) -> None:
+        """A writer switches the metadata to write-ahead logging (it stays
+        so), once the index opened without a fault: readers then keep
+        reading the last commit while a commit is written, and a commit
+        never waits for a reader.  A commit is durable once SQLite returns
+        (synchronous FULL syncs the log at each commit), which the manifest
+        copy written after it relies on.  A killed writer leaves its log
+        beside the database (``metadata.sqlite-wal``); the next connection
+        keeps its committed transactions and drops the rest."""
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.OperationalError as exc:
+            raise BadIndexError(f"cannot write index {self.directory} ({exc})") from None
+
+    def _end_read(self) -> None:
+        """End a read transaction, if SQLite has not ended it already (it
+        rolls back by itself after some errors): ending it must never
+        replace the error that is on its way out."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")  # nothing was written: the same as COMMIT
 
     def _version_message(self, version) -> str:
         if version == 1:
@@ -601,12 +640,18 @@ class Store:
             f"'imgsearch verify --index {self.directory}' shows the details"
         )
 
-    def repair_manifest_copy(self) -> None:
-        """Rewrite manifest.json from the metadata (the lock is held)."""
+    def repair_manifest_copy(self) -> bool:
+        """Rewrite manifest.json from the metadata (the lock is held) unless
+        it is that already; whether it was rewritten."""
         if not self.writable:
             raise RuntimeError("store opened read-only")
+        path = self.directory / MANIFEST_FILE
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == _manifest_bytes(self.manifest):
+                return False
         try:
             self._write_manifest_copy()
+            return True
         except OSError as exc:
             (self.directory / (MANIFEST_FILE + ".tmp")).unlink(missing_ok=True)
             raise BadIndexError(f"cannot rewrite {MANIFEST_FILE} in {self.directory}: {exc.strerror or exc}") from None
@@ -644,14 +689,15 @@ class Store:
             copy = self._read_manifest_copy()
             if copy.get("revision", 0) < manifest.get("revision", 0) and copy.get("created") == manifest.get("created"):
                 notes.append(f"{MANIFEST_FILE} is behind the metadata (a write was interrupted); "
-                             "the next write refreshes it")
+                             "the next write or 'verify --repair' refreshes it")
             elif {k: copy.get(k) for k in manifest} != manifest:
                 problems.append(f"{MANIFEST_FILE} differs from the manifest in the metadata")
         except BadIndexError as exc:
             problems.append(str(exc))
         strays = sorted(p.name for p in self._stray_files())
         if strays:
-            notes.append(f"files left by an unfinished commit (removed by the next write): {', '.join(strays)}")
+            notes.append(f"files left by an unfinished commit (removed by the next write or 'verify --repair'): "
+                         f"{', '.join(strays)}")
         if check_files:
             gone, first = 0, None
             for (path,) in self._db.execute("SELECT path FROM images UNION ALL SELECT path FROM aliases"):
@@ -676,6 +722,7 @@ class Store:
         still owes the backend (the lock is held)."""
         for path in self._stray_files():
             path.unlink(missing_ok=True)
+            self.cleaned.append(path.name)
         self.backend.clean_up()
 
     # -- reading ---------------------------------------------------------
@@ -796,48 +843,67 @@ class Store:
                 current = json.loads(self._db.execute(
                     "SELECT value FROM state WHERE key = 'manifest'").fetchone()[0])
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._end_read()
                 raise
             if current.get("generation") == self.manifest.get("generation"):
                 self.manifest = current  # metadata-only commits (labels, moves)
                 break
-            self._db.execute("ROLLBACK")
+            self._end_read()
             self._load_state()
         else:
             raise BadIndexError(f"index {self.directory} changed too fast to read; try again")
         try:
             yield
         finally:
-            if self._db.in_transaction:
-                self._db.execute("COMMIT")
+            self._end_read()
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, *, labelled: bool = False) -> list[list[Hit]]:
         """The ``k`` nearest entries of each row of ``queries`` (normalised),
-        best first.  Fewer when the index holds fewer than ``k``.
+        best first; only labelled entries when ``labelled``.  Fewer when the
+        index (or its labelled part) holds fewer than ``k``.
 
         Vectors and rows always come from one committed state: if a writer
-        committed new vectors since this store was opened, they are reloaded.
+        committed new vectors since this store was opened, they are
+        reloaded.  No read transaction is held while the vectors are
+        searched, so a long search never holds up a commit: when one lands
+        meanwhile, the search runs again on the new state.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        with self.reading():
-            return self._search_rows(queries, k)
+        for _ in range(20):
+            with self.reading():
+                generation = self.manifest.get("generation")
+                among = self.labelled_ids() if labelled else None
+            scores, ids = self.nearest(queries, k, among=among)
+            with self.reading():
+                if self.manifest.get("generation") == generation:
+                    return self._hits(scores, ids, labelled)
+        raise BadIndexError(f"index {self.directory} changed too fast to read; try again")
 
-    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(self, queries: np.ndarray, k: int, *, among=None) -> tuple[np.ndarray, np.ndarray]:
         """Raw answer: scores and ids ``(n, min(k, count))`` of the vectors
-        loaded when this store was opened, best first; ids are -1 only where
-        an approximate search found fewer than ``k``."""
+        loaded when this store was opened, best first, only among the ids
+        ``among`` when given; ids are -1 only where an approximate search
+        found fewer than ``k``."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = min(int(k), self.count)
-        if k <= 0:
+        if among is not None:
+            among = np.unique(np.asarray(among, dtype=np.int64))
+        k = min(int(k), self.count if among is None else len(among))
+        if k <= 0 or len(queries) == 0:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-        return self.backend.search(queries, k)
+        if among is None:
+            return self.backend.search(queries, k)
+        return self.backend.search_among(queries, k, among)
 
-    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        if min(int(k), self.count) <= 0 or len(queries) == 0:
-            return [[] for _ in range(len(queries))]
-        scores, ids = self.nearest(queries, k)
+    def labelled_ids(self) -> np.ndarray:
+        """The ids of the labelled images, sorted."""
+        rows = self._db.execute("SELECT id FROM images WHERE label IS NOT NULL ORDER BY id")
+        return np.fromiter((i for (i,) in rows), dtype=np.int64)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, labelled: bool) -> list[list[Hit]]:
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         rows = self.entries_by_id(wanted)
+        if labelled:  # a label removed since the search began
+            rows = {i: entry for i, entry in rows.items() if entry.label is not None}
         also: dict[int, list[str]] = {}
         for chunk in _chunks(wanted):
             for path, image_id in self._db.execute(
@@ -985,7 +1051,7 @@ class Store:
         self.close()
         for path in files:
             path.unlink(missing_ok=True)
-        for name in (METADATA_FILE, MANIFEST_FILE, LOCK_FILE):
+        for name in (METADATA_FILE, METADATA_FILE + "-wal", METADATA_FILE + "-shm", MANIFEST_FILE, LOCK_FILE):
             (self.directory / name).unlink(missing_ok=True)
         if self._made_folder:
             with contextlib.suppress(OSError):
@@ -1099,21 +1165,35 @@ class LocalBackend(backends.VectorBackend):
         """Nothing: the store removes the files of unfinished commits."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._search(queries, k, None)
+
+    def search_among(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each segment's rows outside ``ids`` are skipped the way removed
+        rows are: inside FAISS for the approximate index (which then reaches
+        further, as it does past removed vectors), by masking for exact
+        search; a segment where few rows may answer has just those read."""
+        return self._search(queries, k, ids)
+
+    def _search(self, queries: np.ndarray, k: int, among: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         view = self.store._view
         scores = [np.full((len(queries), 0), -np.inf, np.float32)]
-        ids = [np.full((len(queries), 0), -1, np.int64)]
+        found_ids = [np.full((len(queries), 0), -1, np.int64)]
         approximate = view.ann is not None
         exact_bytes = sum(s.info.bytes for s in view.segments[int(approximate):])
         for number, segment in enumerate(view.segments):
-            if not segment.live:
+            skip = None if among is None else segment.dead | ~np.isin(segment.ids, among)
+            allowed = segment.live if skip is None else segment.count - int(skip.sum())
+            if not allowed:
                 continue
-            if number == 0 and approximate:
-                found, rows = view.ann.search(queries, k)
+            if skip is not None and allowed <= segment.count // 8:
+                found, rows = segment.search_rows(queries, k, np.flatnonzero(~skip))
+            elif number == 0 and approximate:
+                found, rows = view.ann.search(queries, k, skip=skip)
             else:
-                found, rows = segment.search(queries, k, mapped=exact_bytes <= MAP_SEARCH_BYTES)
+                found, rows = segment.search(queries, k, mapped=exact_bytes <= MAP_SEARCH_BYTES, skip=skip)
             scores.append(found)
-            ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
-        best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
+            found_ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
+        best, best_ids = top_k(np.hstack(scores), np.hstack(found_ids), k)
         return pad(best, best_ids, k)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import calendar
 import logging
+import math
 import os
 import re
 import time
@@ -42,6 +43,7 @@ HNSW_M, HNSW_EF_CONSTRUCTION = 32, 200
 MAX_TOPK = 16384          # Milvus refuses a larger limit (and offset + limit in queries)
 TRANSFER_BYTES = 8 << 20  # per upsert or read: well under gRPC's message limits
 ID_RANGE = 10_000         # ids per query when listing a collection
+FILTER_IDS = 4096         # ids per filter expression of a search among given ids
 CONNECT_TIMEOUT = 10.0
 # Reads of an index committed longer ago than this use Bounded consistency,
 # which sees every write older than Milvus's grace period (5 s by default)
@@ -323,8 +325,32 @@ class MilvusBackend(VectorBackend):
             return "Strong"
         return "Strong" if time.time() - committed < FRESH_S else "Bounded"
 
+    def search_among(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A filtered search (``id in [...]``), a slice of the ids per
+        expression, the slices' answers merged.  An approximate index then
+        reaches as much further as the filter leaves out, as the local
+        store does past skipped rows."""
+        from imgsearch.store.segments import pad, top_k
+
+        built = self.store.manifest.get("ann") or {}
+        params = self._search_params(k)
+        share = max(1, self.store.count) / max(1, len(ids))
+        if built.get("type") == "hnsw":
+            params["params"]["ef"] = min(MAX_TOPK, int(math.ceil(params["params"]["ef"] * share)))
+        elif built.get("type", "").startswith("ivf"):
+            nlist = int((built.get("build_params") or {}).get("nlist", 1 << 16))
+            params["params"]["nprobe"] = min(nlist, int(math.ceil(params["params"]["nprobe"] * share)))
+        best = np.full((len(queries), 0), -np.inf, np.float32)
+        best_ids = np.full((len(queries), 0), -1, np.int64)
+        for start in range(0, len(ids), FILTER_IDS):
+            chunk = ids[start:start + FILTER_IDS]
+            scores, found = self.search(queries, k, params=params,
+                                        filter=f"id in [{','.join(str(int(i)) for i in chunk)}]")
+            best, best_ids = top_k(np.hstack([best, scores]), np.hstack([best_ids, found]), k)
+        return pad(best, best_ids, k)
+
     def search(self, queries: np.ndarray, k: int, params: dict | None = None,
-               kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               kind: str | None = None, filter: str = "") -> tuple[np.ndarray, np.ndarray]:
         connection = self._ready()
         limit = min(int(k), MAX_TOPK)
         scores = np.full((len(queries), k), -np.inf, np.float32)
@@ -341,7 +367,7 @@ class MilvusBackend(VectorBackend):
             batch = queries[start:start + 256]
             found = connection.call("searching", "search", connection.collection, data=[q for q in batch],
                                     limit=fetch, search_params=params, output_fields=fields,
-                                    consistency_level=self._consistency())
+                                    filter=filter, consistency_level=self._consistency())
             for row, hits in enumerate(found, start=start):
                 if not hits:
                     continue
@@ -571,6 +597,9 @@ class MilvusBackend(VectorBackend):
         owed = [i for (i,) in store._db.execute("SELECT id FROM tombstones WHERE segment = 0")]
         missing = np.setdiff1d(rows, stored_ids)
         extra = np.setdiff1d(stored_ids, np.concatenate([rows, np.asarray(owed, np.int64)]))
+        # Ids from the next one up are a commit that never stood (its upsert
+        # came before the metadata transaction): left for the next writer.
+        unfinished, extra = extra[extra >= store.next_id], extra[extra < store.next_id]
         if len(missing):
             problems.append(f"{len(missing)} images have no vector in {where} (first id {int(missing[0])}); "
                             "'imgsearch verify --repair' forgets them and the next 'imgsearch index' embeds "
@@ -580,7 +609,10 @@ class MilvusBackend(VectorBackend):
                             "'imgsearch verify --repair' deletes them")
         if owed:
             notes.append(f"{len(owed)} removed vectors are still to be deleted from {where} "
-                         "(an interrupted commit); the next write deletes them")
+                         "(an interrupted commit); the next write or 'verify --repair' deletes them")
+        if len(unfinished):
+            notes.append(f"{len(unfinished)} vectors in {where} were written by a commit that never finished; "
+                         "the next write or 'verify --repair' deletes them")
         if bad:
             problems.append(f"{bad} vectors in {where} are not unit length")
         built = store.manifest.get("ann") or {}
