@@ -30,6 +30,7 @@ import numpy as np
 
 from . import images as imgs
 from .errors import ImgsearchError, UsageError, first_line
+from .runtime import effective_precision
 
 INSTALL_HINT = "pip install 'imgsearch[ray]'"
 # Seconds to wait for every node's check (Ray's own waits are minutes).
@@ -64,12 +65,6 @@ class WorkerSpec:
     batch_size: int
 
 
-def effective_precision(runtime_name: str) -> str:
-    """The precision behind a runtime name (``openvino-bf16`` -> bf16;
-    Keras and an encoder's own code run fp32)."""
-    return runtime_name.rpartition("-")[2] if runtime_name.startswith("openvino-") else "fp32"
-
-
 def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size: int,
              gpus_per_actor: float = 0.0) -> WorkerSpec:
     from . import __version__
@@ -85,7 +80,7 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size
         runtime = "keras"  # OpenVINO runs on CPUs; TensorFlow uses the actor's GPU
     return WorkerSpec(encoder.name, encoder.weights, encoder.weights_fingerprint(),
                       encoder.preprocessing.to_dict(), runtime, options.precision,
-                      effective_precision(encoder.runtime_name),
+                      encoder.precision,
                       str(os.path.abspath(plugins_dir)) if plugins_dir else None, __version__,
                       max_megapixels, tuple(formats), batch_size)
 

@@ -111,6 +111,17 @@ class Encoder:
         cache hit must not build the model."""
         raise NotImplementedError
 
+    @property
+    def precision(self) -> str:
+        """The precision the vectors are made at: once loaded, what actually
+        runs (bf16 asked on a CPU without it runs fp32), before that what
+        was asked for."""
+        if self.runtime_name is None:
+            return self.options().precision
+        from .runtime import effective_precision
+
+        return effective_precision(self.runtime_name)
+
     def describe(self) -> dict:
         """What the manifest records about how vectors were made."""
         options = self.options()
@@ -121,7 +132,7 @@ class Encoder:
             "weights": self.weights,
             "weights_fingerprint": self.weights_fingerprint(),
             "random_weights": self.random_weights,
-            "precision": options.precision,
+            "precision": self.precision,
             "calibration": options.calibration_id,
         }
 

@@ -162,7 +162,8 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
     fp32_fallback = not store.writable and precision is None
     precision = precision or built_precision
     if precision != built_precision:
-        if store.writable:
+        # What runs decides (below); int8 never stands in for another precision.
+        if store.writable and "int8" in (precision, built_precision):
             raise IndexMismatchError(
                 f"index {store.directory} was built with --precision {built_precision}; "
                 f"add to it with the same precision, or build a new index"
@@ -175,6 +176,14 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
     encoder.use_runtime(RuntimeOptions(runtime, precision, calibration_id=(
         recorded.get("calibration") if precision == "int8" else None), fp32_fallback=fp32_fallback))
     encoder.ensure_loaded()
+    if store.writable and encoder.precision != built_precision:
+        # The manifest records the precision that ran (bf16 asked on a CPU
+        # without it ran fp32): vectors made another way must not join them.
+        raise IndexMismatchError(
+            f"index {store.directory} holds {built_precision} vectors, but {built_with} runs here as "
+            f"{encoder.runtime_name} ({encoder.precision}); add to it where it runs at {built_precision} "
+            "(the same --precision), or build a new index"
+        )
     if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
         raise IndexMismatchError(
             f"index {store.directory} was built with other {built_with} weights "

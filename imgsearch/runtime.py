@@ -144,6 +144,13 @@ class Calibration:
         return RuntimeOptions(runtime, "int8", calibration=self.pixels, calibration_id=self.id)
 
 
+def effective_precision(runtime_name: str) -> str:
+    """The precision behind a runtime name, i.e. what actually runs
+    (``openvino-bf16`` -> bf16; bf16 asked on a CPU without it runs as
+    ``openvino-fp32``; Keras and an encoder's own code run fp32)."""
+    return runtime_name.rpartition("-")[2] if runtime_name.startswith("openvino-") else "fp32"
+
+
 def openvino_available() -> bool:
     import importlib.util
 

@@ -283,7 +283,7 @@ def _spec(**changes):
 
 
 def test_precisions_behind_runtime_names():
-    from imgsearch.cluster import effective_precision
+    from imgsearch.runtime import effective_precision
 
     assert [effective_precision(name) for name in ("openvino-bf16", "openvino-int8", "openvino-fp32", "keras",
                                                      "native")] == ["bf16", "int8", "fp32", "fp32", "fp32"]

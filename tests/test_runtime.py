@@ -241,6 +241,35 @@ def test_an_int8_index_records_its_calibration_and_keeps_its_precision(tmp_path)
     assert abs(fp32["results"][0]["score"] - found["results"][0]["score"]) < 0.05
 
 
+def test_an_index_records_the_precision_that_ran_and_refuses_mixing_by_it(tmp_path, monkeypatch):
+    has_bf16 = runtime._OpenVINO._cpu_has_bf16
+    without_bf16 = lambda self: False  # noqa: E731  (a CPU without bf16, as imgsearch sees it)
+    monkeypatch.setattr(runtime._OpenVINO, "_cpu_has_bf16", without_bf16)
+    ix = tmp_path / "ix"
+    built = run("index", LABELLED / "tench", "--index", ix, "--encoder", "lite0-any-precision",
+                "--precision", "bf16")
+    assert "openvino-fp32" in built.stderr
+    assert json.loads((ix / "manifest.json").read_text())["encoder"]["precision"] == "fp32"
+    assert json.loads(run("info", "--index", ix, "--format", "json").stdout)["precision"] == "fp32"
+    # The same command resumes on the same machine: fp32 runs again.
+    assert run("index", LABELLED / "church", "--index", ix, "--precision", "bf16").stdout.startswith("added 10,")
+    if not _cpu_runs_bf16():
+        pytest.skip("this CPU has no bf16: the refusal of bf16 vectors for an fp32 index cannot be shown here")
+    # On a CPU with bf16, bf16 vectors would join the fp32 ones: refused, index untouched.
+    monkeypatch.setattr(runtime._OpenVINO, "_cpu_has_bf16", has_bf16)
+    before = (ix / "manifest.json").read_bytes()
+    refused = run("index", LABELLED / "parachute", "--index", ix, "--precision", "bf16", code=2)
+    assert "holds fp32 vectors" in refused.stderr and "openvino-bf16" in refused.stderr
+    assert (ix / "manifest.json").read_bytes() == before
+    # And the other way: a bf16 index is refused fp32 vectors from a CPU that falls back.
+    ix16 = tmp_path / "ix16"
+    run("index", LABELLED / "tench", "--index", ix16, "--encoder", "lite0-any-precision", "--precision", "bf16")
+    assert json.loads((ix16 / "manifest.json").read_text())["encoder"]["precision"] == "bf16"
+    monkeypatch.setattr(runtime._OpenVINO, "_cpu_has_bf16", without_bf16)
+    refused = run("index", LABELLED / "church", "--index", ix16, code=2)
+    assert "holds bf16 vectors" in refused.stderr and "openvino-fp32" in refused.stderr
+
+
 def test_int8_queries_need_an_int8_index_and_survive_a_cleared_cache(tmp_path, monkeypatch, caplog):
     fp32_ix = tmp_path / "ix"
     run("index", LABELLED, "--index", fp32_ix, "--encoder", "lite0-any-precision")
