@@ -93,6 +93,16 @@ def test_two_node_run_equals_a_local_run(cluster, photos, tmp_path):
     assert skipped and skipped == [line for line in (local.stdout + local.stderr).splitlines()
                                    if "broken.jpg" in line]
     assert_same_index(tmp_path / "local", tmp_path / "remote")
+    # Negative control: the check fails for vectors made with the channels
+    # reversed (efficientnet-lite0's real weights tell images apart).
+    from imgsearch import images as imgs
+    from imgsearch.encoders import l2_normalize, load_registry
+
+    rows, _, vectors = contents(tmp_path / "local")
+    encoder = load_registry().create("efficientnet-lite0").ensure_loaded()
+    pixels = np.stack([imgs.to_pixels(imgs.read_bytes(row[1]), encoder.preprocessing)[0] for row in rows])
+    swapped = l2_normalize(encoder.embed_pixels(pixels[..., ::-1].copy()))
+    assert np.sum(vectors * swapped, axis=1).min() < 0.99
     # Running it again sends out only the file that failed, and says so once.
     again = imgsearch("index", photos, "--index", tmp_path / "remote", "--ray", address, env=env)
     assert again.returncode == 0 and "added 0," in again.stdout and "unchanged 51," in again.stdout

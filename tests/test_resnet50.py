@@ -1,7 +1,10 @@
 """The resnet50 encoder against keras.applications.ResNet50 itself.
 
 Random weights stand in for the ImageNet ones, which cannot be downloaded
-here; parity with the same weights is what these tests prove.
+here; parity with the same weights is what these tests prove.  The weights
+are initialised so that vectors differ between images (conftest's
+``resnet50_spread``): with plain random weights every photo gets nearly
+the same vector, and a wrong channel order would still agree to 0.9998.
 """
 
 import numpy as np
@@ -21,15 +24,13 @@ def _photos(n=6):
 
 
 @pytest.fixture(scope="module")
-def reference_weights(tmp_path_factory):
+def reference_weights(resnet50_spread):
     """A Keras ResNet50 base with its own random weights, saved to a file."""
-    import keras
+    return resnet50_spread
 
-    model = keras.applications.ResNet50(include_top=False, weights=None, pooling="avg",
-                                        input_shape=(224, 224, 3))
-    path = tmp_path_factory.mktemp("weights") / "resnet50-random.weights.h5"
-    model.save_weights(path)
-    return model, path
+
+def _cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_preprocessing_equals_keras_preprocess_input():
@@ -55,9 +56,17 @@ def test_embeddings_equal_keras_resnet50_with_the_same_weights(reference_weights
     pixels = np.stack([encoder.preprocessing.resize_image(im) for im in photos]).astype(np.float32)
     theirs = model.predict(preprocess_input(pixels), verbose=0)
     assert ours.shape == (len(photos), 2048) and ours.dtype == np.float32
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-    assert cosine.min() >= 0.99999
+    assert _cosines(ours, theirs).min() >= 0.99999
     assert encoder.weights_fingerprint().startswith("sha256:")
+    # Negative controls: the same check fails for a channel-order mistake
+    # (RGB given where Keras expects it to make BGR) and a preprocessing one
+    # (scaling to -1..1 instead of subtracting the ImageNet mean).
+    swapped = model.predict(preprocess_input(pixels[..., ::-1].copy()), verbose=0)
+    rescaled = model.predict(pixels / 127.5 - 1, verbose=0)
+    for control in (swapped, rescaled):
+        cosine = _cosines(ours, control).min()
+        print(f"control cosine {cosine:.4f}")
+        assert cosine < 0.999, cosine
 
 
 def test_legacy_h5_weights_file_loads_too(reference_weights, tmp_path):

@@ -2,7 +2,10 @@
 
 Real components throughout: the Keras models, OpenVINO, NNCF, the sample
 photos.  efficientnet-lite0 runs with its packaged ImageNet weights; resnet50
-with seeded random weights (its ImageNet weights are not downloadable here).
+with random weights (its ImageNet weights are not downloadable here),
+initialised so that its vectors differ between images where two ways of
+running it are compared (conftest's ``resnet50_spread``).  Each such check
+has a negative control: it fails for a channel-order mistake.
 """
 
 from __future__ import annotations
@@ -72,18 +75,28 @@ def test_openvino_fp32_equals_keras_on_every_sample_photo(sample_pixels, lite_ke
     vectors = encoder.embed_pixels(sample_pixels)
     assert vectors.shape == lite_keras.shape == (50, 1280)
     assert _cosines(vectors, lite_keras).min() >= 0.9999
+    # Negative control: the check fails for the channels reversed.
+    swapped = _cosines(encoder.embed_pixels(sample_pixels[..., ::-1].copy()), lite_keras).min()
+    print(f"control cosine {swapped:.4f}")
+    assert swapped < 0.99, swapped
     # Batch composition must not matter: one image alone gives the same vector.
     alone = encoder.embed_pixels(sample_pixels[7:8])
     assert _cosines(alone, vectors[7:8]).min() >= 0.99999
 
 
-def test_resnet50_openvino_fp32_equals_keras_resnet50(sample_pixels):
-    ours = _encoder("resnet50", weights="none")
+def test_resnet50_openvino_fp32_equals_keras_resnet50(sample_pixels, resnet50_spread):
+    weights = str(resnet50_spread[1])
+    ours = _encoder("resnet50", weights=weights)
     assert ours.runtime_name == "openvino-fp32"
-    reference = _encoder("resnet50", "keras", weights="none")
+    reference = _encoder("resnet50", "keras", weights=weights)
     subset = sample_pixels[::5]
-    cos = _cosines(ours.embed_pixels(subset), reference.embed_pixels(subset))
-    assert cos.min() >= 0.9999
+    expected = reference.embed_pixels(subset)
+    assert _cosines(ours.embed_pixels(subset), expected).min() >= 0.9999
+    # Negative control: the check fails for the channels reversed (with
+    # plain random weights this scored 0.9998, almost a pass).
+    swapped = _cosines(ours.embed_pixels(subset[..., ::-1].copy()), expected).min()
+    print(f"control cosine {swapped:.4f}")
+    assert swapped < 0.999, swapped
 
 
 def _cpu_runs_bf16() -> bool:
@@ -189,6 +202,63 @@ def test_an_export_that_disagrees_with_keras_is_refused(monkeypatch, tmp_path, c
     assert not list((tmp_path / "cache").rglob("model.xml"))  # nothing wrong was cached
     with pytest.raises(UsageError, match="cannot run resnet50 with OpenVINO"):
         _encoder("resnet50", "openvino", weights="none")
+
+
+def _wrapped(keras_model, mistake):
+    """The Keras model with a mistake in front of it, as a broken export would have."""
+    import keras
+
+    inputs = keras.Input(keras_model.input_shape[1:])
+    return keras.Model(inputs, keras_model(keras.layers.Lambda(mistake)(inputs)))
+
+
+BROKEN_EXPORTS = {
+    # Channels reversed (RGB taken for BGR).
+    "channel order": ("efficientnet-lite0", None, lambda x: x[..., ::-1]),
+    # Inputs squeezed into +-3, as an export assuming unit-scale inputs
+    # would: ResNet50's own span about +-150, so noise in +-2 never shows it.
+    "input scale": ("resnet50", "none", lambda x: __import__("keras").ops.clip(x, -3.0, 3.0)),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(BROKEN_EXPORTS))
+def test_a_broken_export_is_caught_by_the_probe_images(mistake, monkeypatch, tmp_path, caplog):
+    import openvino
+
+    name, weights, bug = BROKEN_EXPORTS[mistake]
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    convert = openvino.convert_model
+    monkeypatch.setattr(openvino, "convert_model", lambda model, **kw: convert(_wrapped(model, bug), **kw))
+    encoder = _encoder(name, weights=weights)
+    assert encoder.runtime_name == "keras"  # the broken export was refused
+    assert "disagrees with Keras" in caplog.text
+    assert not list((tmp_path / "cache").rglob("model.xml"))
+
+
+def _reversed_channels(model):
+    """An OpenVINO model that reads its input's channels in reverse order."""
+    from openvino.preprocess import PrePostProcessor
+
+    steps = PrePostProcessor(model)
+    steps.input().tensor().set_layout(__import__("openvino").Layout("NHWC"))
+    steps.input().preprocess().reverse_channels()
+    return steps.build()
+
+
+def test_an_int8_model_that_disagrees_with_fp32_is_refused(monkeypatch, tmp_path):
+    import nncf
+
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    quantize = nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda model, *a, **kw: _reversed_channels(quantize(model, *a, **kw)))
+    encoder = load_registry(PLUGINS_DIR).get("lite0-any-precision")
+    calibration = Calibration.from_paths([LABELLED / "tench", LABELLED / "church"], encoder.preprocessing)
+    with pytest.raises(UsageError, match="int8 model disagrees with the fp32 model"):
+        _encoder("lite0-any-precision", calibration=calibration)
+    assert not list((tmp_path / "cache").glob("*int8*"))  # nothing wrong was cached
+    # The real quantization passes the same check.
+    monkeypatch.setattr(nncf, "quantize", quantize)
+    assert _encoder("lite0-any-precision", calibration=calibration).runtime_name == "openvino-int8"
 
 
 def test_without_openvino_auto_runs_keras_and_asked_for_openvino_fails(monkeypatch):
