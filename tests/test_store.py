@@ -1,7 +1,9 @@
 """The store against a brute-force reference, and its commit and error rules."""
 
 import json
+import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +357,103 @@ def test_the_metadata_is_written_ahead_and_readers_leave_no_files(tmp_path):
         reader.search(l2_normalize(rng.standard_normal((1, DIM))), 3)
     # SQLite's log and shared-memory files go with the last connection.
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == files
+
+
+def _read_as_another_user(directory, ids):
+    """Open the index read-only from a process that cannot write its
+    folder: as root (who writes through any file mode) a forked child
+    that drops to user nobody, else this process, the folder made
+    read-only by its mode.  The rows and vectors, or the error message."""
+    import os
+    import pickle
+
+    def read():
+        try:
+            with Store.open(directory) as store:
+                return [e.path for e in store.entries()], store.vectors(ids)
+        except BadIndexError as exc:
+            return str(exc)
+
+    if os.geteuid() != 0:
+        return read()
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # only SQLite and numpy run here: nothing that forking could have left locked
+        try:
+            os.close(reading)
+            os.setgid(65534)
+            os.setuid(65534)
+            answer = read()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            answer = f"child failed: {exc!r}"
+        with os.fdopen(writing, "wb") as out:
+            pickle.dump(answer, out)
+        os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading, "rb") as answer:
+        result = pickle.load(answer)
+    os.waitpid(child, 0)
+    return result
+
+
+def test_an_index_in_a_folder_this_user_cannot_write_can_be_read(tmp_path):
+    """The metadata is in write-ahead-log mode, where an ordinary reader
+    must create a shared-memory file beside it: a read-only folder (read-only
+    media, another user's index) is read without one, and left unchanged."""
+    import tempfile
+
+    rng = np.random.default_rng(3)
+    data = l2_normalize(rng.standard_normal((20, DIM)))
+    # Under the system's temporary folder: pytest's own is closed to other users.
+    directory = Path(tempfile.mkdtemp(prefix="imgsearch-ro-")) / "ix"
+    try:
+        directory.parent.chmod(0o755)
+        with Store.create(directory, encoder={"name": "test"}, dim=DIM) as store:
+            _add(store, data)
+        before = sorted(p.name for p in directory.iterdir())
+        for path in directory.iterdir():
+            path.chmod(0o444)
+        directory.chmod(0o555)
+
+        result = _read_as_another_user(directory, np.arange(1, 21))
+
+        assert not isinstance(result, str), result
+        paths, vectors = result
+        assert paths == [f"/photos/{i}.jpg" for i in range(20)]
+        np.testing.assert_allclose(vectors, data, rtol=1e-6)
+        assert sorted(p.name for p in directory.iterdir()) == before  # no -shm, no -wal made
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory.parent)
+
+
+def test_a_read_only_index_with_a_writers_leftover_log_is_refused_in_one_line(tmp_path):
+    """A writer killed before its log was folded into the database: a
+    reader that cannot write would miss the commits in that log, so it is
+    told who can open the index instead of reading an older state."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="imgsearch-ro-")) / "ix"
+    try:
+        directory.parent.chmod(0o755)
+        with Store.create(directory, encoder={"name": "test"}, dim=DIM) as store:
+            _add(store, l2_normalize(np.random.default_rng(4).standard_normal((5, DIM))))
+        wal = directory / "metadata.sqlite-wal"
+        # What a killed writer leaves: committed pages still in the log.
+        keep = sqlite3.connect(directory / "metadata.sqlite")
+        keep.execute("PRAGMA wal_autocheckpoint=0")
+        keep.execute("UPDATE images SET label = 'late' WHERE id = 1")
+        keep.commit()
+        leftover = wal.read_bytes()
+        keep.close()  # folds the log in and removes it; put it back as a crash would leave it
+        wal.write_bytes(leftover)
+        for path in directory.iterdir():
+            path.chmod(0o444)
+        directory.chmod(0o555)
+
+        result = _read_as_another_user(directory, np.arange(1, 6))
+
+        assert isinstance(result, str) and "write log" in result and "\n" not in result, result
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory.parent)

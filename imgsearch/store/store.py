@@ -206,6 +206,24 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=30, check_same_thread=False)
 
 
+def _connect_read_only(directory: Path) -> sqlite3.Connection:
+    """A connection for reading an index in a folder this process cannot
+    write (read-only media, another user's index).  In write-ahead-log mode
+    even a reader must create the shared-memory file beside the database,
+    so there the database is opened as immutable, which needs no other
+    file; a log that a killed writer left would then go unread, so such an
+    index is refused until someone who can write it opens it once."""
+    path = directory / METADATA_FILE
+    wal = directory / (METADATA_FILE + "-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise BadIndexError(
+            f"index {directory} is read-only here and holds a write log that a writer left; "
+            "run 'imgsearch verify' on it once as a user who can write it"
+        )
+    return sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, timeout=30,
+                           check_same_thread=False)
+
+
 def _chunks(items, size: int = _BATCH):
     items = list(items)
     for start in range(0, len(items), size):
@@ -441,7 +459,14 @@ class Store:
             raise BadIndexError(f"{directory} is not an imgsearch index (it has no {METADATA_FILE})")
         try:
             db = _connect(path)
-            db.execute("SELECT count(*) FROM state").fetchone()
+            try:
+                db.execute("SELECT count(*) FROM state").fetchone()
+            except sqlite3.OperationalError:
+                if writable or os.access(directory, os.W_OK):
+                    raise
+                db.close()
+                db = _connect_read_only(directory)
+                db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
             raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
         if not writable:
