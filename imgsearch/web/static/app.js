@@ -40,14 +40,15 @@ async function loadInfo() {
   labelled = labels.length > 0;
   $("summary").textContent =
     `${info.count.toLocaleString()} images · encoder ${info.encoder} · ${labels.length} labels`;
+  const shown = labels.map(([label, count]) => `${label} (${count.toLocaleString()})`);
   const select = $("label");
-  const chosen = select.value;
-  while (select.options.length > 1) select.remove(1);
-  for (const [label, count] of labels) {
-    const option = new Option(`${label} (${count.toLocaleString()})`, label);
-    select.add(option);
+  // Rebuilt only when the labels changed, so that a choice being made stays.
+  if (JSON.stringify(shown) !== JSON.stringify([...select.options].slice(1).map((o) => o.text))) {
+    const chosen = select.value;
+    while (select.options.length > 1) select.remove(1);
+    labels.forEach(([label], i) => select.add(new Option(shown[i], label)));
+    select.value = labels.some(([label]) => label === chosen) ? chosen : "";
   }
-  select.value = labels.some(([label]) => label === chosen) ? chosen : "";
   const facts = $("info");
   facts.replaceChildren();
   for (const key of ["path", "count", "encoder", "dim", "weights", "precision", "index_type",
