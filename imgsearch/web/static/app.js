@@ -75,7 +75,8 @@ function card(row, extraText) {
   const image = document.createElement("img");
   image.src = row.thumbnail;
   image.alt = row.label ? `${row.label}: ${row.path}` : row.path;
-  image.loading = "lazy";
+  // Results are wanted at once; a long listing loads as it scrolls into view.
+  image.loading = extraText ? "eager" : "lazy";
   image.decoding = "async";
   button.append(image);
   if (extraText) {
