@@ -132,18 +132,21 @@ def test_the_page_in_a_real_browser(browser, index_dir):
         _until(driver, lambda: _shown_ids(driver, "results") == [h.entry.id for h in from_second.hits],
                "the neighbours after Enter")
 
-        # Drop an image file onto the drop zone.
-        driver.execute_async_script("""
-            const done = arguments[arguments.length - 1];
-            fetch(arguments[0]).then(r => r.blob()).then(blob => {
-              const transfer = new DataTransfer();
-              transfer.items.add(new File([blob], "dropped.jpg", {type: "image/jpeg"}));
-              document.getElementById("drop").dispatchEvent(
-                new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
-              done();
-            });""", f"/api/images/{first.id}/thumbnail")
-        _until(driver, lambda: driver.find_element("id", "query-name").text == "dropped.jpg", "the dropped image")
-        _until(driver, lambda: _shown_ids(driver, "results")[:1] == [first.id], "the dropped image's neighbours")
+        # Drop an image file onto the drop zone, and paste one.
+        for how, name in (("drop", "dropped.jpg"), ("paste", "pasted.jpg")):
+            driver.execute_async_script("""
+                const [url, how, name, done] = arguments;
+                fetch(url).then(r => r.blob()).then(blob => {
+                  const transfer = new DataTransfer();
+                  transfer.items.add(new File([blob], name, {type: "image/jpeg"}));
+                  const event = how === "drop"
+                    ? new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true})
+                    : new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true, cancelable: true});
+                  (how === "drop" ? document.getElementById("drop") : document).dispatchEvent(event);
+                  done();
+                });""", f"/api/images/{first.id}/thumbnail", how, name)
+            _until(driver, lambda: driver.find_element("id", "query-name").text == name, f"the {how} image")
+            _until(driver, lambda: _shown_ids(driver, "results")[:1] == [first.id], f"the {how} image's neighbours")
 
         # Browse by label.
         from selenium.webdriver.support.ui import Select
