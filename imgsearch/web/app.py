@@ -31,6 +31,7 @@ import collections
 import contextlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
@@ -129,8 +130,10 @@ class _Search:
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="imgsearch-index")
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="imgsearch-decode")
         self.budget = DecodeBudget(self.max_decode_bytes, self.decode_wait_s)
-        # Not awaited: browsing and thumbnails work while the model loads.
-        asyncio.get_running_loop().run_in_executor(self._index_thread, self._load)
+        # In a thread of its own, not awaited: browsing and thumbnails work
+        # while the model loads (which reads no rows), and uploads wait for
+        # `ready` before they use it.
+        threading.Thread(target=self._load, name="imgsearch-load", daemon=True).start()
 
     async def stop(self) -> None:
         for pool in (self._decode_pool, self._index_thread):
