@@ -3,12 +3,14 @@ thumbnails included.
 
 Usage:
     python benchmarks/bench_web.py [PHOTOS] [--count 100000] [--real 1000] [--queries 10]
-                                   [--workdir DIR] [--keep]
+                                   [--photo-side N] [--workdir DIR] [--keep]
 
 PHOTOS is a folder of labelled photos (class folders; default
 sample_data/labelled); with Imagenette (``DIR/train`` and ``DIR/val``) the
 index is made from train/ and the queries come from val/, photos the index
-has never seen.
+has never seen.  Imagenette's photos are 224x224; --photo-side N makes
+each photo used (indexed or sent) a JPEG of N pixels on its long side
+(upscaled, quality 90, in the work folder), the size of camera photos.
 
 The index, in one run:
 
@@ -28,8 +30,8 @@ as the page does, a browser's six connections at a time:
               thumbnails; each query photo is sent once, so neither the
               server's upload cache nor its thumbnail cache has seen them
               (thumbnails of a previous query's neighbours may be cached)
-  more        GET /api/images/ID/similar?k=12 for an id from the previous
-              answer, then its 12 thumbnails (not yet made)
+  more        GET /api/images/ID/similar?k=12 for a random indexed id, then
+              its 12 thumbnails (most not made before)
   browse      GET /api/images?label=..&limit=60 and its 60 thumbnails
   again       the query of a photo sent before (vector and thumbnails cached)
 
@@ -79,7 +81,24 @@ def photo_folders(photos: Path) -> tuple[Path, list[Path]]:
     return photos, sorted((REPO / "sample_data" / "queries").glob("*.jpg"))
 
 
-def build(workdir: Path, source: Path, count: int, real: int) -> Path:
+def place(photo: Path, target: Path, side: int | None) -> Path:
+    """The photo at ``target``: a link to it, or a JPEG of ``side`` pixels
+    on its long side."""
+    if side is None:
+        target.symlink_to(photo.resolve())
+        return target
+    from PIL import Image
+
+    target = target.with_suffix(".jpg")
+    with Image.open(photo) as image:
+        image = image.convert("RGB")
+        scale = side / max(image.size)
+        image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC).save(
+            target, "JPEG", quality=90)
+    return target
+
+
+def build(workdir: Path, source: Path, count: int, real: int, side: int | None) -> Path:
     from imgsearch.store import Changes, Entry, Store
 
     chosen = workdir / "chosen"
@@ -88,7 +107,7 @@ def build(workdir: Path, source: Path, count: int, real: int) -> Path:
     for folder in classes:
         (chosen / folder.name).mkdir(parents=True)
         for photo in sorted(folder.iterdir())[:per_class]:
-            (chosen / folder.name / photo.name).symlink_to(photo.resolve())
+            place(photo, chosen / folder.name / photo.name, side)
     index = workdir / "index"
     started = time.perf_counter()
     imgsearch("index", chosen, "--index", index, "--encoder", "efficientnet-lite0", "--no-optimize")
@@ -182,6 +201,7 @@ def measure(port: int, queries: list[Path], tries: int) -> list[str]:
     client = Client(port)
     info = client.json("GET", "/api/info")
     label = next(iter(info["labels"]))
+    rng = np.random.default_rng(1)
     figures = {"query: answer": [], "query: answer + 12 thumbnails": [], "more like this + 12 thumbnails": [],
                "browse a label: 60 + 60 thumbnails": [], "query again (all cached)": []}
     # Warm-up: the first encoder call and the first search touch cold pages.
@@ -192,7 +212,7 @@ def measure(port: int, queries: list[Path], tries: int) -> list[str]:
         thumbs_s, _ = timed(lambda: client.thumbnails(answer["results"]))
         figures["query: answer"].append(answer_s)
         figures["query: answer + 12 thumbnails"].append(answer_s + thumbs_s)
-        other = answer["results"][-1]["id"]
+        other = client.json("GET", f"/api/images?limit=1&after={rng.integers(0, info['count'])}")["images"][0]["id"]
         figures["more like this + 12 thumbnails"].append(timed(lambda: client.thumbnails(
             client.json("GET", f"/api/images/{other}/similar?k={K}")["results"]))[0])
         figures["query again (all cached)"].append(timed(lambda: client.thumbnails(
@@ -247,15 +267,19 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--real", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--photo-side", type=int, default=None, metavar="N")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-web-", dir=args.workdir))
     try:
         source, queries = photo_folders(args.photos)
-        if len(queries) < 2 * args.queries + 1:
-            queries = (queries * (2 * args.queries + 1))[: 2 * args.queries + 1]
-        index = build(workdir, source, args.count, args.real)
+        queries = (queries * (2 * args.queries + 1))[: 2 * args.queries + 1]
+        if args.photo_side:
+            (workdir / "queries").mkdir()
+            queries = [place(photo, workdir / "queries" / f"{n:03d}-{photo.name}", args.photo_side)
+                       for n, photo in enumerate(queries)]
+        index = build(workdir, source, args.count, args.real, args.photo_side)
         process, port = start_server(index)
         try:
             info = Client(port).json("GET", "/api/info")
@@ -263,7 +287,8 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(60)
-        print(f"index: {info['count']:,} images ({args.real} real photos), encoder {info['encoder']}, "
+        size = f"{args.photo_side} px JPEGs" if args.photo_side else "photos as they are"
+        print(f"index: {info['count']:,} images ({args.real} real photos, {size}), encoder {info['encoder']}, "
               f"{info['index_type']} {info['search_params']}; {os.cpu_count()} CPUs")
         print("| what | median ms | slowest ms | tries |")
         print("|---|--:|--:|--:|")
