@@ -409,3 +409,17 @@ def test_the_serve_command_listens_on_loopback_and_stops_on_sigterm(index_dir):
 def test_the_serve_command_refuses_a_missing_index(tmp_path):
     result = run("serve", "--index", tmp_path / "nothing", code=1)
     assert "no index at" in result.stderr
+
+
+def test_the_thumbnail_cache_drops_the_least_recently_used_beyond_its_size():
+    from imgsearch.web.thumbnails import ThumbnailCache
+
+    cache = ThumbnailCache(max_bytes=10)
+    cache.put((1, "a"), b"1234")
+    cache.put((2, "b"), b"5678")
+    assert cache.get((1, "a")) == b"1234"  # now the most recently used
+    cache.put((3, "c"), b"90ab")  # 12 bytes: one must go, the least recently used
+    assert (cache.get((2, "b")), cache.get((1, "a")), cache.get((3, "c"))) == (None, b"1234", b"90ab")
+    assert cache.bytes == 8 and len(cache) == 2
+    cache.put((4, "d"), b"x" * 11)  # larger than the whole cache: kept by nobody
+    assert len(cache) == 0 and cache.bytes == 0
