@@ -31,7 +31,9 @@ as the page does, a browser's six connections at a time:
               server's upload cache nor its thumbnail cache has seen them
               (thumbnails of a previous query's neighbours may be cached)
   more        GET /api/images/ID/similar?k=12 for a random indexed id, then
-              its 12 thumbnails (most not made before)
+              its 12 thumbnails (most not made before); with include_self,
+              since the copies of a photo share its content hash, which
+              would otherwise leave them all out as the image itself
   browse      GET /api/images?label=..&limit=60 and its 60 thumbnails
   again       the query of a photo sent before (vector and thumbnails cached)
 
@@ -164,7 +166,9 @@ class Client:
     def json(self, method: str, path: str, body: bytes | None = None) -> dict:
         return json.loads(self.call(method, path, body))
 
-    def thumbnails(self, rows) -> None:
+    def thumbnails(self, rows, expected: int = K) -> None:
+        if len(rows) != expected:  # a figure of fewer thumbnails would flatter
+            raise RuntimeError(f"{len(rows)} results, not {expected}")
         list(self.pool.map(lambda row: self.call("GET", row["thumbnail"]), rows))
 
 
@@ -214,14 +218,14 @@ def measure(port: int, queries: list[Path], tries: int) -> list[str]:
         figures["query: answer + 12 thumbnails"].append(answer_s + thumbs_s)
         other = client.json("GET", f"/api/images?limit=1&after={rng.integers(0, info['count'])}")["images"][0]["id"]
         figures["more like this + 12 thumbnails"].append(timed(lambda: client.thumbnails(
-            client.json("GET", f"/api/images/{other}/similar?k={K}")["results"]))[0])
+            client.json("GET", f"/api/images/{other}/similar?k={K}&include_self=true")["results"]))[0])
         figures["query again (all cached)"].append(timed(lambda: client.thumbnails(
             client.json("POST", f"/api/query?k={K}", data)["results"]))[0])
     after = -1
     for _ in range(tries):
         page_s, page = timed(lambda: client.json(
             "GET", f"/api/images?label={urllib.parse.quote(label)}&limit=60&after={after}"))
-        thumbs_s, _ = timed(lambda: client.thumbnails(page["images"]))
+        thumbs_s, _ = timed(lambda: client.thumbnails(page["images"], 60))
         figures["browse a label: 60 + 60 thumbnails"].append(page_s + thumbs_s)
         after = page["next"]
         if after is None:

@@ -88,6 +88,7 @@ def test_the_page_in_a_real_browser(browser, index_dir):
 
     with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
         expected = index.query([QUERY], k=K)[0]
+        more_than_voters = index.query([QUERY], k=25)[0]
         verdict = index.classify([QUERY], k=20)[0]
         first = expected.hits[0].entry
         from_first = index.query([first.path], k=K)[0]  # itself left out, like the page
@@ -147,6 +148,15 @@ def test_the_page_in_a_real_browser(browser, index_dir):
                 });""", f"/api/images/{first.id}/thumbnail", how, name)
             _until(driver, lambda: driver.find_element("id", "query-name").text == name, f"the {how} image")
             _until(driver, lambda: _shown_ids(driver, "results")[:1] == [first.id], f"the {how} image's neighbours")
+
+        # More neighbours than vote (20): the page asks for them apart.
+        field = driver.find_element("id", "k")
+        field.clear()
+        field.send_keys("25")
+        driver.find_element("id", "file").send_keys(str(QUERY))
+        _until(driver, lambda: _shown_ids(driver, "results") == [h.entry.id for h in more_than_voters.hits],
+               "25 neighbours")
+        assert driver.find_element("id", "predicted").text == verdict.label
 
         # Browse by label.
         from selenium.webdriver.support.ui import Select

@@ -133,17 +133,26 @@ function showVotes(classification) {
   show($("classification"), true);
 }
 
+const VOTERS = 20;  // the neighbours that vote, as classify's default
+
 async function search(ask, queryName, querySrc) {
   show($("error"), false);
   say(`Searching for ${queryName}…`);
   const started = performance.now();
+  const wanted = k();
   try {
-    const result = await ask.query();
+    // With labels, one classify request brings the neighbours too (the
+    // voters are the nearest images, best first); more than the voters
+    // shown, or no labels, take a query of their own.
+    const classification = labelled ? await ask.classify(VOTERS) : null;
+    const result = classification && wanted <= VOTERS
+      ? { results: classification.neighbors.slice(0, wanted) }
+      : await ask.query(wanted);
     showResults(result, queryName, querySrc);
+    if (classification) showVotes(classification);
     say(`${result.results.length} nearest images in ${Math.round(performance.now() - started)} ms`);
     $("results").querySelector("button")?.focus({ preventScroll: true });
-    const info = await loadInfo();  // the index may have grown meanwhile
-    if (Object.keys(info.labels).length > 0) showVotes(await ask.classify());
+    await loadInfo();  // the index may have grown meanwhile
   } catch (error) {
     fail(error.message);
   }
@@ -158,15 +167,15 @@ function searchFile(file) {
     method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
   });
   search({
-    query: () => post("query", `k=${k()}`),
-    classify: () => post("classify", "k=20"),
+    query: (n) => post("query", `k=${n}`),
+    classify: (n) => post("classify", `k=${n}`),
   }, file.name || "pasted image", queryUrl);
 }
 
 function moreLikeThis(row) {
   search({
-    query: () => api(`/api/images/${row.id}/similar?k=${k()}`),
-    classify: () => api(`/api/images/${row.id}/classify?k=20`),
+    query: (n) => api(`/api/images/${row.id}/similar?k=${n}`),
+    classify: (n) => api(`/api/images/${row.id}/classify?k=${n}`),
   }, row.path, row.thumbnail);
 }
 
