@@ -423,3 +423,24 @@ def test_the_thumbnail_cache_drops_the_least_recently_used_beyond_its_size():
     assert cache.bytes == 8 and len(cache) == 2
     cache.put((4, "d"), b"x" * 11)  # larger than the whole cache: kept by nobody
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_without_its_encoder_the_page_still_browses_and_says_why_uploads_fail(index_dir):
+    from imgsearch import Index
+    from imgsearch.web.app import create_app
+
+    # Opened without the test plugins: the index's encoder is unknown here.
+    index = Index.open(index_dir)
+    with Running(create_app(index)) as running:
+        deadline = time.monotonic() + 30
+        while (info := get_json(running.port, "/api/info")[1])["server"]["load_error"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "tiny-color" in info["server"]["load_error"] and not info["server"]["ready"]
+        status, page = get_json(running.port, "/api/images?limit=5")
+        assert status == 200 and len(page["images"]) == 5
+        assert request(running.port, "GET", page["images"][0]["thumbnail"])[0] == 200
+        assert get_json(running.port, f"/api/images/{page['images'][0]['id']}/similar")[0] == 200
+        status, answer = get_json(running.port, "/api/query", "POST", QUERY.read_bytes())
+        assert status == 503 and "tiny-color" in answer["error"]
+    index.close()
