@@ -16,6 +16,7 @@ import sys
 import click
 
 from . import __version__
+from .results import hit_rows
 from .tables import columns
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -167,14 +168,8 @@ def _warn_if_random(index) -> None:
         )
 
 
-def _rows_of_hits(hits):
-    rows = []
-    for rank, hit in enumerate(hits, start=1):
-        row = {"rank": rank, "path": hit.entry.path, "score": round(hit.score, 6), "label": hit.entry.label}
-        if hit.also_at:
-            row["also_at"] = list(hit.also_at)  # identical files, stored once
-        rows.append(row)
-    return rows
+# The JSON shape of hits is shared with the web API.
+_rows_of_hits = hit_rows
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -846,6 +841,49 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
         formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
         max_connections=max_connections, read_timeout_s=read_timeout,
         batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
+
+
+@main.command()
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-upload-mb", type=POSITIVE, default=20.0, show_default=True,
+              help="Largest image file accepted as a query, in MiB.")
+@click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,
+              help="Refuse larger query images (decompression-bomb guard).")
+@image_formats_option
+@click.option("--max-decode-mb", type=POSITIVE, default=512.0, show_default=True,
+              help="Memory for decoding query images and thumbnails, all requests together.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections (idle keep-alive ones count); more get 503.")
+@click.option("--read-timeout", type=POSITIVE, default=30.0, show_default=True,
+              help="Seconds allowed for a request's headers, and again for its body.")
+@runtime_option
+@precision_option(READ_PRECISION_HELP)
+@click.pass_context
+def serve(ctx, index_dir, host, port, max_upload_mb, max_megapixels, image_formats, max_decode_mb,
+          max_connections, read_timeout, runtime, precision):
+    """Serve a web page and JSON API to search an index by image.
+
+    Drop, paste or pick an image to see its nearest indexed images and their
+    labels' vote, click any result for more like it, and browse the index by
+    label.  The API is described at /openapi.json.  Images are served only
+    by indexed id.  Needs the extra: pip install 'imgsearch[serve]'.
+
+    \b
+    Example:
+      imgsearch serve --index my-index --port 8000
+    """
+    from .images import DEFAULT_FORMATS
+    from .web.app import run
+
+    with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
+        _warn_if_random(idx)
+        click.echo(f"serving index {index_dir} ({idx.store.count} images) on http://{host}:{port}", err=True)
+        run(idx, host, port, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_megapixels=max_megapixels,
+            formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
+            max_connections=max_connections, read_timeout_s=read_timeout)
 
 
 @main.command()

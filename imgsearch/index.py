@@ -76,6 +76,9 @@ class Classification:
     label: str | None
     confidence: float
     neighbours: list[Hit]
+    # Each label's share of the vote (kNN; they sum to 1), or of the
+    # probability (linear).
+    votes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -639,24 +642,45 @@ class Index:
             pixels.append(image_pixels)
         if not pixels:
             raise UsageError("no query images given")
-        return l2_normalize(self.encoder.embed_pixels(np.stack(pixels))), hashes
+        return self.embed_pixels(np.stack(pixels)), hashes
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised vectors of images already resized for the encoder
+        (see :func:`imgsearch.images.to_pixels`)."""
+        return l2_normalize(self.encoder.embed_pixels(pixels))
 
     def query(self, paths, *, k: int = 10, include_self: bool = False) -> list[QueryResult]:
         """The ``k`` most similar indexed images of each image file."""
-        if k < 1:
-            raise UsageError(f"k must be at least 1, not {k}")
-        return self._nearest(paths, *self.embed_files(paths), k=k, include_self=include_self)
+        _check_k(k)
+        vectors, hashes = self.embed_files(paths)
+        return self.query_vectors(vectors, [str(p) for p in paths], hashes, k=k, include_self=include_self)
 
-    def _nearest(self, paths, vectors, hashes, *, k: int, include_self: bool,
-                 labelled: bool = False) -> list[QueryResult]:
+    def query_vectors(self, vectors: np.ndarray, names: list[str], hashes: list[str | None], *, k: int = 10,
+                      include_self: bool = False, labelled: bool = False) -> list[QueryResult]:
+        """The ``k`` most similar indexed images of each normalised vector,
+        named ``names[i]``, only labelled ones when ``labelled``; unless
+        ``include_self``, the indexed image whose content hash is
+        ``hashes[i]`` is not its own neighbour."""
+        _check_k(k)
         # One extra neighbour so that dropping the query itself still leaves k.
         found = self.store.search(vectors, k if include_self else k + 1, labelled=labelled)
         results = []
-        for path, sha, hits in zip(paths, hashes, found):
+        for name, sha, hits in zip(names, hashes, found):
             if not include_self:
                 hits = [hit for hit in hits if hit.entry.sha256 != sha]
-            results.append(QueryResult(str(path), hits[:k]))
+            results.append(QueryResult(name, hits[:k]))
         return results
+
+    def indexed(self, ids) -> tuple[np.ndarray, list[Entry]]:
+        """The stored vectors and rows of indexed images by id, from one
+        commit; an id not in the index is an error."""
+        ids = [int(i) for i in ids]
+        with self.store.reading():
+            rows = self.store.entries_by_id(ids)
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise UsageError(f"no image with id {missing[0]} in index {self.store.directory}")
+            return self.store.vectors(ids), [rows[i] for i in ids]
 
     def embed_images(self, files: list[imgs.ImageFile], *, batch_size: int | None = None,
                      progress: Progress | None = None) -> tuple[np.ndarray, list[imgs.ImageFile], list[imgs.Skipped]]:
@@ -759,18 +783,18 @@ class Index:
                  method: str = "knn") -> list[Classification]:
         """A label for each image file by a vote of its ``k`` nearest labelled
         neighbours, or (``method="linear"``) by the trained linear classifier."""
+        self._check_classify(k, vote, temperature, method)
+        vectors, hashes = self.embed_files(paths)
+        return self.classify_vectors(vectors, [str(p) for p in paths], hashes, k=k, vote=vote,
+                                     temperature=temperature, include_self=include_self, method=method)
+
+    def _check_classify(self, k, vote, temperature, method):
+        _check_k(k)
         if method == "linear":
             model = self.classifier()
             if model.coef.shape[1] != self.store.dim:
                 raise IndexMismatchError("the classifier does not fit this index's vectors; train it again")
-            vectors, hashes = self.embed_files(paths)
-            ranked, confidence = model.predict(vectors)
-            # The neighbours are shown for context, without the image itself.
-            found = self.store.search(vectors, k if include_self else k + 1)
-            neighbours = [hits[:k] if include_self else [h for h in hits if h.entry.sha256 != sha][:k]
-                          for hits, sha in zip(found, hashes)]
-            return [Classification(str(p), labels[0], float(c), hits)
-                    for p, labels, c, hits in zip(paths, ranked, confidence, neighbours)]
+            return model
         if method != "knn":
             raise UsageError(f"method must be knn or linear, not {method!r}")
         if vote not in knn.VOTES:
@@ -782,12 +806,33 @@ class Index:
                 f"index {self.store.directory} has no labels; index class folders "
                 "(root/<label>/image.jpg) or pass --labels CSV"
             )
-        if k < 1:
-            raise UsageError(f"k must be at least 1, not {k}")
-        results = []
+        return None
+
+    def classify_vectors(self, vectors: np.ndarray, names: list[str], hashes: list[str | None], *,
+                         k: int = 20, vote: str = "weighted", temperature: float = knn.DEFAULT_TEMPERATURE,
+                         include_self: bool = False, method: str = "knn") -> list[Classification]:
+        """:meth:`classify` for normalised vectors named ``names``, whose
+        content hashes are ``hashes`` (see :meth:`query_vectors`)."""
+        model = self._check_classify(k, vote, temperature, method)
         # The k nearest labelled images vote: unlabelled ones are not searched.
-        for result in self._nearest(paths, *self.embed_files(paths), k=k, include_self=include_self,
-                                    labelled=True):
+        # (The linear classifier's neighbours are shown for context: any image.)
+        found = self.query_vectors(vectors, names, hashes, k=k, include_self=include_self,
+                                   labelled=model is None)
+        if model is not None:
+            # The neighbours are shown for context, without the image itself.
+            ranked, confidence = model.predict(vectors)
+            return [Classification(r.query, labels[0], float(c), r.hits, {labels[0]: float(c)})
+                    for r, labels, c in zip(found, ranked, confidence)]
+        results = []
+        for result in found:
             decision = knn.vote([(h.entry.label, h.score) for h in result.hits], vote, temperature)
-            results.append(Classification(result.query, decision.label, decision.confidence, result.hits))
+            total = sum(decision.tally.values()) or 1.0
+            shares = {label: weight / total for label, weight in
+                      sorted(decision.tally.items(), key=lambda item: -item[1])}
+            results.append(Classification(result.query, decision.label, decision.confidence, result.hits, shares))
         return results
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise UsageError(f"k must be at least 1, not {k}")

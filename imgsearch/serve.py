@@ -39,12 +39,8 @@ import binascii
 import collections
 import contextlib
 import json
-import logging
 import math
 import os
-import signal
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,13 +73,14 @@ _fastapi, _uvicorn = _import_stack()
 
 from fastapi import Request  # noqa: E402  (only after the check above)
 from fastapi.responses import JSONResponse, Response  # noqa: E402
-from starlette.exceptions import HTTPException as _StarletteHTTPException  # noqa: E402
-from starlette.requests import ClientDisconnect  # noqa: E402
-from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
-import h11  # noqa: E402  (uvicorn's own HTTP parser, always installed with it)
+from .serving import (  # noqa: E402
+    DEFAULT_DECODE_WAIT_S, DEFAULT_GRACEFUL_TIMEOUT_S, DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_MEGAPIXELS, DEFAULT_READ_TIMEOUT_S, DecodeBudget, Rejected, bind,
+    decode_error, decode_pixels, error_response, install_error_handlers, logger, read_body, refusal, serve_app,
+    server_options, stop_signals_end_run,
+)
 
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 # A base64 body is 4/3 of the file: 20 MiB admits photos up to about 15 MiB,
 # far above any camera JPEG, while bounding what one request can make us hold.
@@ -92,86 +89,8 @@ DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 # to be lost in the encoder's own time; only waited for when another
 # request is known to be on its way (see _Batcher).
 DEFAULT_BATCH_WINDOW_S = 0.005
-DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
-# A network service needs a tighter guard than `index` on one's own files:
-# 40 megapixels is above any phone or most cameras' photos.
-DEFAULT_MAX_MEGAPIXELS = 40.0
-# Decoding in flight, all requests together: two of the largest images
-# allowed (40 MP with alpha, 160 MB decoded) or hundreds of ordinary photos.
-DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
-# How long a request may wait for its share of that before it gets 503.
-DEFAULT_DECODE_WAIT_S = 10.0
-# Connections at once (idle keep-alive ones count); more get 503.
-DEFAULT_MAX_CONNECTIONS = 64
-# For a request's headers and then its body; slower clients are cut off
-# rather than holding a connection (and a slot under the limit) forever.
-DEFAULT_READ_TIMEOUT_S = 30.0
 # The multi-worker path rebuilds the encoder in each worker from this.
 _SPEC_ENV = "IMGSEARCH_SERVE_SPEC"
-
-# uvicorn configures this logger, so our lines appear in its output, formatted alike.
-logger = logging.getLogger("uvicorn.error")
-
-
-class _Rejected(Exception):
-    """A request we answer with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-# How much of a refused body is read and dropped after the answer, at most.
-_DRAIN_SECONDS = 10.0
-_DRAIN_MIN_BYTES = 64 * 1024 * 1024
-
-
-class _AnswerThenDrain(JSONResponse):
-    """An error sent before the request body was read, followed by reading
-    and dropping the rest of the body before the response ends.
-
-    A client that sends its whole body before it reads the answer, and asks
-    for the connection to close (Python's urllib does both), would otherwise
-    see "connection reset" instead of the error: uvicorn closes the socket
-    right after the response, and closing with unread data makes the kernel
-    send a reset that also discards the answer waiting in the client's
-    buffer.  Keep-alive clients (Weaviate's among them) are drained by
-    uvicorn itself.  The reading is bounded in bytes and in time, so a
-    client cannot hold the request open by sending without end.
-    """
-
-    def __init__(self, status: int, message: str, drain_bytes: int, headers: dict | None = None):
-        super().__init__({"error": message}, status_code=status, headers=headers)
-        self.drain_bytes = drain_bytes
-
-    async def __call__(self, scope, receive, send):
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        # The whole answer goes out now (its Content-Length tells the client it
-        # is complete); the response only ends once the body is drained.
-        await send({"type": "http.response.body", "body": self.body, "more_body": True})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _DRAIN_SECONDS
-        drained = 0
-        while drained <= self.drain_bytes:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                message = await asyncio.wait_for(receive(), remaining)
-            except asyncio.TimeoutError:
-                break
-            if message["type"] != "http.request":  # the client went away
-                break
-            drained += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # Media types sent with JSON bodies in practice.  Weaviate sends none at all;
@@ -183,46 +102,9 @@ def _check_content_type(value: str | None) -> None:
     media = (value or "").split(";", 1)[0].strip().lower()
     if media in _LENIENT_TYPES or media.endswith("+json"):
         return
-    raise _Rejected(415, f"unsupported content type {media!r}: send a JSON body "
+    raise Rejected(415, f"unsupported content type {media!r}: send a JSON body "
                          '{"id": "...", "image": "<base64 of the image file>"} as application/json')
 
-
-async def _read_body(request, limit: int, timeout_s: float) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed
-    ``limit``: from Content-Length before reading anything, and while
-    reading for bodies that declare no length (chunked) or lie about it.
-    A body not complete within ``timeout_s`` gets 408."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise _Rejected(400, "invalid Content-Length header") from None
-        if length > limit:
-            raise _Rejected(413, f"request body too large ({length} bytes; the limit is {limit})")
-    chunks = []
-    size = 0
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    stream = request.stream()
-    try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise _Rejected(408, f"the request body did not arrive within {timeout_s:g} s",
-                                {"Connection": "close"}) from None
-            size += len(chunk)
-            if size > limit:
-                raise _Rejected(413, f"request body too large (over the limit of {limit} bytes)")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # Nobody will read the answer; it only has to be something other
-        # than the 500 an unexpected exception would log.
-        raise _Rejected(400, "the client disconnected while sending the body") from None
-    return b"".join(chunks)
 
 
 def _image_bytes(text: str) -> bytes:
@@ -239,13 +121,8 @@ def _image_bytes(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _Rejected(400, f"'image' is not valid base64 ({first_line(exc)})") from None
+        raise Rejected(400, f"'image' is not valid base64 ({first_line(exc)})") from None
 
-
-def _decode_error(exc: imgs.DecodeError) -> _Rejected:
-    # 413 like a body over the limit: the upload is too big, not malformed.
-    status = {"too large": 413, "format": 415}.get(exc.kind, 422)
-    return _Rejected(status, str(exc))
 
 
 def _open_request(body: bytes, preprocessing, max_megapixels: float, formats) -> tuple[str, imgs.Opened]:
@@ -256,86 +133,32 @@ def _open_request(body: bytes, preprocessing, max_megapixels: float, formats) ->
     the id is only echoed back, never used as a path.
     """
     if not body:
-        raise _Rejected(400, 'empty request body; expected JSON {"id": "...", "image": "<base64>"}')
+        raise Rejected(400, 'empty request body; expected JSON {"id": "...", "image": "<base64>"}')
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 too
-        raise _Rejected(400, f"invalid JSON ({first_line(exc)})") from None
+        raise Rejected(400, f"invalid JSON ({first_line(exc)})") from None
     if not isinstance(payload, dict):
-        raise _Rejected(422, 'the body must be a JSON object {"id": "...", "image": "<base64>"}')
+        raise Rejected(422, 'the body must be a JSON object {"id": "...", "image": "<base64>"}')
     for field in ("id", "image"):
         if field not in payload:
-            raise _Rejected(422, f"missing field {field!r}")
+            raise Rejected(422, f"missing field {field!r}")
         if not isinstance(payload[field], str):
-            raise _Rejected(422, f"field {field!r} must be a string, not {type(payload[field]).__name__}")
+            raise Rejected(422, f"field {field!r} must be a string, not {type(payload[field]).__name__}")
     try:
         payload["id"].encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800") cannot be echoed in UTF-8
-        raise _Rejected(422, "field 'id' is not valid Unicode") from None
+        raise Rejected(422, "field 'id' is not valid Unicode") from None
     data = _image_bytes(payload["image"])
     if not data:
-        raise _Rejected(422, "'image' is empty")
+        raise Rejected(422, "'image' is empty")
     try:
         opened = imgs.open_image(data, draft_size=preprocessing.draft_size, max_megapixels=max_megapixels,
                                  formats=formats)
     except imgs.DecodeError as exc:
-        raise _decode_error(exc) from None
+        raise decode_error(exc) from None
     return payload["id"], opened
 
-
-def _decode_request(opened: imgs.Opened, preprocessing, max_megapixels: float) -> np.ndarray:
-    """An opened image to resized pixels; runs in the decode pool."""
-    try:
-        return imgs.pixels_of(opened, preprocessing, max_megapixels=max_megapixels)[0]
-    except imgs.DecodeError as exc:
-        raise _decode_error(exc) from None
-    except MemoryError:
-        raise _Rejected(413, "not enough memory to decode this image") from None
-    except Exception as exc:  # Pillow's plugins raise more kinds than they document
-        raise _Rejected(422, f"cannot process image ({type(exc).__name__}: {first_line(exc)})") from None
-
-
-class _DecodeBudget:
-    """Bytes of decoding in flight, all requests together.
-
-    A request holds its image's estimate while it decodes.  One that does
-    not fit waits its turn, in order of arrival (so a large image is not
-    overtaken for ever by small ones), for at most ``wait_s``, then gets
-    503 with Retry-After.  An image larger than the whole budget decodes
-    when nothing else does.
-    """
-
-    def __init__(self, limit: int, wait_s: float):
-        self.limit = limit
-        self.wait_s = wait_s
-        self.used = 0
-        self.peak = 0  # the most held at once, for /meta and tests
-        self._turns: collections.deque = collections.deque()
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, estimate: int):
-        amount = min(estimate, self.limit)
-        turn = object()
-        async with self._changed:
-            self._turns.append(turn)
-            try:
-                await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self._turns[0] is turn and self.used + amount <= self.limit), self.wait_s)
-            except asyncio.TimeoutError:
-                raise _Rejected(503, f"busy decoding other images (over {self.limit} bytes in flight); "
-                                     "try again shortly", {"Retry-After": "1"}) from None
-            finally:
-                self._turns.remove(turn)
-                self._changed.notify_all()
-            self.used += amount
-            self.peak = max(self.peak, self.used)
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= amount
-                self._changed.notify_all()
 
 
 class _Batcher:
@@ -369,7 +192,7 @@ class _Batcher:
         while self._queue:  # only after a graceful-shutdown timeout
             _, _, future = self._queue.popleft()
             if not future.done():
-                future.set_exception(_Rejected(503, "the service is shutting down"))
+                future.set_exception(Rejected(503, "the service is shutting down"))
 
     @contextlib.contextmanager
     def incoming(self):
@@ -415,7 +238,7 @@ class _Batcher:
             except asyncio.CancelledError:
                 for _, _, future in batch:
                     if not future.done():
-                        future.set_exception(_Rejected(503, "the service is shutting down"))
+                        future.set_exception(Rejected(503, "the service is shutting down"))
                 raise
             except Exception as exc:  # the callers report it; the loop must go on
                 for _, _, future in batch:
@@ -452,7 +275,7 @@ class _Service:
         self._encoder_thread: ThreadPoolExecutor | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self.batcher: _Batcher | None = None
-        self.budget: _DecodeBudget | None = None
+        self.budget: DecodeBudget | None = None
 
     # -- lifecycle, on the event loop ----------------------------------
     def start(self) -> None:
@@ -464,7 +287,7 @@ class _Service:
         self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="imgsearch-decode")
         self.batcher = _Batcher(self._run_batch, self.max_batch, self.batch_window_s)
         self.batcher.start()
-        self.budget = _DecodeBudget(self.max_decode_bytes, self.decode_wait_s)
+        self.budget = DecodeBudget(self.max_decode_bytes, self.decode_wait_s)
         # Not awaited: the server must answer /live while the model loads.
         loop.run_in_executor(self._encoder_thread, self._load)
 
@@ -495,7 +318,7 @@ class _Service:
 
     def _embed(self, pixels: list[np.ndarray]) -> np.ndarray:
         if self.load_error is not None:
-            raise _Rejected(503, self.load_error)
+            raise Rejected(503, self.load_error)
         # Exactly the library's path: Index.add stacks resized pixels, calls
         # embed_pixels and normalises the rows.
         vectors = l2_normalize(self.encoder.embed_pixels(np.stack(pixels)))
@@ -537,33 +360,29 @@ class _Service:
         try:
             _check_content_type(request.headers.get("content-type"))
             if self.load_error is not None:
-                raise _Rejected(503, self.load_error)
+                raise Rejected(503, self.load_error)
             prep = self.encoder.preprocessing
             with self.batcher.incoming():
-                body = await _read_body(request, self.max_body_bytes, self.read_timeout_s)
+                body = await read_body(request, self.max_body_bytes, self.read_timeout_s)
                 body_read = True
                 ident, opened = await loop.run_in_executor(
                     self._decode_pool, _open_request, body, prep, self.max_megapixels, self.formats)
                 del body  # up to max_body_bytes; not needed from here on
                 async with self.budget.hold(opened.estimate):
                     pixels = await loop.run_in_executor(
-                        self._decode_pool, _decode_request, opened, prep, self.max_megapixels)
+                        self._decode_pool, decode_pixels, opened, prep, self.max_megapixels)
                     del opened
                 future = self.batcher.submit(pixels)
             vector = await future
-        except _Rejected as exc:
-            # A body that timed out is not drained: its client is too slow to wait for.
-            if body_read or exc.status == 408:
-                return _error(exc.status, exc.message, exc.headers)
-            return _AnswerThenDrain(exc.status, exc.message, max(4 * self.max_body_bytes, _DRAIN_MIN_BYTES),
-                                    exc.headers)
+        except Rejected as exc:
+            return refusal(exc, body_read, self.max_body_bytes)
         except Exception as exc:
-            # Bad requests are all _Rejected above; anything else is a fault
+            # Bad requests are all Rejected above; anything else is a fault
             # of the encoder (or ours): a logged 500, and the service goes on.
             logger.exception("imgsearch: embedding failed")
-            return _error(500, f"the encoder failed ({type(exc).__name__}: {first_line(exc)})")
+            return error_response(500, f"the encoder failed ({type(exc).__name__}: {first_line(exc)})")
         if not np.all(np.isfinite(vector)):
-            return _error(500, "the encoder produced a vector with NaN or infinite values")
+            return error_response(500, "the encoder produced a vector with NaN or infinite values")
         return JSONResponse({"id": ident, "vector": vector.tolist(), "dim": int(vector.shape[0])})
 
 
@@ -622,15 +441,7 @@ def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
                            docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    @app.exception_handler(_StarletteHTTPException)
-    async def http_error(request, exc):
-        # 404 and 405 in the same {"error": ...} shape as our own errors.
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request, exc):
-        logger.error("imgsearch: unexpected error", exc_info=exc)
-        return _error(500, f"internal error ({type(exc).__name__}: {first_line(exc)})")
+    install_error_handlers(app)
 
     @app.get("/.well-known/live")
     async def live():
@@ -640,7 +451,7 @@ def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def ready():
         if service.ready:
             return Response(status_code=204)
-        return _error(503, service.load_error or "the encoder is still loading")
+        return error_response(503, service.load_error or "the encoder is still loading")
 
     @app.get("/meta")
     async def meta():
@@ -656,92 +467,6 @@ def create_app(encoder: Encoder, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     return app
 
 
-# Set by run() (and in each worker process) before the server starts: uvicorn
-# builds protocols from a class it may pickle into workers, so these cannot
-# travel as arguments.
-_connection_limits = {"read_timeout_s": DEFAULT_READ_TIMEOUT_S, "max_connections": DEFAULT_MAX_CONNECTIONS}
-
-
-class _ServiceProtocol(H11Protocol):
-    """uvicorn's h11 protocol with the service's connection limits.
-
-    A connection whose request headers do not arrive within the read
-    timeout is closed: uvicorn times out only idle keep-alive connections,
-    and stops even that on the first byte, so a client sending headers a
-    byte a minute would hold its connection for ever.  Requests on more
-    than ``max_connections`` open connections get 503, as uvicorn's own
-    ``limit_concurrency`` would answer, but in JSON like every error here
-    (Weaviate parses the body before it looks at the status).
-    """
-
-    _header_timer = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.app = self._within_limit(self.app)
-
-    def _within_limit(self, app):
-        async def limited(scope, receive, send):
-            if len(self.connections) > _connection_limits["max_connections"]:
-                refusal = _AnswerThenDrain(503, "too many connections; try again shortly", _DRAIN_MIN_BYTES,
-                                           {"Retry-After": "1"})
-                return await refusal(scope, receive, send)
-            return await app(scope, receive, send)
-
-        return limited
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._await_headers()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the headers are in
-            self._stop_waiting()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._await_headers()
-
-    def connection_lost(self, exc) -> None:
-        self._stop_waiting()
-        super().connection_lost(exc)
-
-    def _await_headers(self) -> None:
-        self._stop_waiting()
-        self._header_timer = self.loop.call_later(_connection_limits["read_timeout_s"], self._headers_too_slow)
-
-    def _stop_waiting(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket, or a one-line error (uvicorn would exit)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    try:
-        # As uvicorn does: a restart must not wait for old connections' TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.set_inheritable(True)
-    except OSError as exc:
-        sock.close()
-        raise ImgsearchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
 def _app_from_environment():
     """App factory of each worker process when ``workers > 1``: workers are
     fresh processes, so they rebuild the encoder from its name and weights."""
@@ -750,7 +475,7 @@ def _app_from_environment():
     from .runtime import RuntimeOptions
 
     spec = json.loads(os.environ[_SPEC_ENV])
-    _connection_limits.update(spec["connections"])
+    server_options(**spec["connections"])  # sets this worker's connection limits
     encoder = load_registry(spec["plugins_dir"]).create(spec["encoder"], spec["weights"])
     # The parent cached the exported (and calibrated) model before starting
     # workers, so the calibration id alone finds it.
@@ -779,38 +504,25 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
     """
     if workers < 1:
         raise UsageError("workers must be at least 1")
-    if max_connections < 1:
-        raise UsageError("the connection limit must be at least 1")
     limits = {"max_body_bytes": max_body_bytes, "max_megapixels": max_megapixels,
               "batch_window_s": batch_window_s, "max_batch": max_batch, "decode_threads": decode_threads,
               "formats": list(formats), "max_decode_bytes": max_decode_bytes, "decode_wait_s": decode_wait_s,
               "read_timeout_s": read_timeout_s}
-    connections = {"read_timeout_s": read_timeout_s, "max_connections": max_connections}
-    _connection_limits.update(connections)
-    # The connection limit is _ServiceProtocol's, not uvicorn's limit_concurrency.
-    options = {"log_level": log_level, "access_log": access_log, "lifespan": "on", "http": _ServiceProtocol,
-               "timeout_graceful_shutdown": graceful_timeout_s}
-    shown_host = f"[{host}]" if ":" in host else host
+    connections = {"read_timeout_s": read_timeout_s, "max_connections": max_connections,
+                   "graceful_timeout_s": graceful_timeout_s, "log_level": log_level, "access_log": access_log}
+    options = server_options(**connections)
 
-    with _stop_signals_end_run() as stop:
+    with stop_signals_end_run() as stop:
         if workers == 1:
             app = create_app(encoder, **limits)  # checks the limits before binding
-            sock = _bind(host, port)
-            server = _uvicorn.Server(_uvicorn.Config(app, host=host, port=port, **options))
-            stop.attach(server)
-            # Logged by us: uvicorn is silent about sockets it did not open.
-            logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
-                        encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
-            try:
-                server.run(sockets=[sock])
-            finally:
-                sock.close()
+            serve_app(app, host, port, options, stop, lambda url: logger.info(
+                "imgsearch: serving encoder %s (dim %d) on %s (Ctrl-C to stop)", encoder.name, encoder.dim, url))
             return
 
         create_app(encoder, **limits)  # the same checks, once, before any worker starts
         # uvicorn binds for its workers itself and exits on failure; a trial
         # bind first turns "address in use" into our one-line error.
-        _bind(host, port).close()
+        bind(host, port).close()
         runtime = encoder.options()
         runtime_name = "keras"
         if runtime.runtime != "keras":
@@ -832,40 +544,3 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
                      workers=workers, **options)
 
 
-class _StopOnSignal:
-    """SIGINT and SIGTERM make :func:`run` return instead of killing the process.
-
-    After its graceful shutdown uvicorn raises the signal that stopped it
-    once more, for the handler it replaced; by default that kills the
-    process (or raises KeyboardInterrupt), so a caller such as the CLI could
-    never finish normally.  This handler takes that signal instead.  One
-    that arrives before the server exists stops it as soon as it is attached.
-    """
-
-    def __init__(self):
-        self.signalled = False
-        self.server = None
-
-    def __call__(self, signum, frame):
-        self.signalled = True
-        if self.server is not None:
-            self.server.should_exit = True
-
-    def attach(self, server) -> None:
-        self.server = server
-        if self.signalled:
-            server.should_exit = True
-
-
-@contextlib.contextmanager
-def _stop_signals_end_run():
-    handler = _StopOnSignal()
-    if threading.current_thread() is not threading.main_thread():
-        yield handler  # signals only ever reach the main thread
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield handler
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -56,13 +56,18 @@ def test_every_option_in_the_synopsis_exists():
     assert set(commands) == {"index", "optimize", "remove", "verify", "query", "classify", "evaluate",
                              "train-classifier",
                              "serve-vectorizer",
+                             "serve",
                              "info", "encoders"}
+    def where(name, text):  # "imgsearch serve" is not "imgsearch serve-vectorizer"
+        found = re.search(rf"imgsearch {re.escape(name)}(?![\w-])", text)
+        return found.start() if found else None
+
     for name, command in commands.items():
-        assert f"imgsearch {name}" in synopsis
+        assert where(name, synopsis) is not None
         # and the other way round: every option is in the synopsis
-        block = synopsis[synopsis.index(f"imgsearch {name}"):]
-        following = [c for c in commands if c != name and f"imgsearch {c}" in block]
-        block = block[: min([block.index(f"imgsearch {c}") for c in following] or [len(block)])]
+        block = synopsis[where(name, synopsis):]
+        following = [c for c in commands if c != name and where(c, block) is not None]
+        block = block[: min([where(c, block) for c in following] or [len(block)])]
         for param in command.params:
             if isinstance(param, click.Option) and "--help" not in param.opts:
                 assert any(opt in block for opt in param.opts), f"{name} {param.opts[0]} missing from README"

@@ -831,6 +831,14 @@ class Store:
     def labelled_entries(self) -> list[Entry]:
         return self._entries("WHERE label IS NOT NULL ORDER BY id")
 
+    def entries_page(self, *, label: str | None = None, after: int = -1, limit: int = 100) -> list[Entry]:
+        """Up to ``limit`` images with ids above ``after`` (only those with
+        ``label``, if given), in id order: a page of a listing that costs
+        the same on the last page as on the first."""
+        if label is None:
+            return self._entries("WHERE id > ? ORDER BY id LIMIT ?", (int(after), int(limit)))
+        return self._entries("WHERE label = ? AND id > ? ORDER BY id LIMIT ?", (label, int(after), int(limit)))
+
     def by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self._entries()}
 
