@@ -446,6 +446,9 @@ class _Service:
         self.decode_threads = decode_threads
         self.ready = False
         self.load_error: str | None = None
+        # Called (from the loading thread) when the model cannot load; run()
+        # stops the server then, so that the process exits and says why.
+        self.on_load_failure = None
         self.load_seconds: float | None = None
         self.batches = 0  # embed calls made, for /meta and tests
         self.vectors = 0
@@ -488,6 +491,8 @@ class _Service:
             # with this message) instead of exiting where nobody reads a log.
             self.load_error = f"the encoder failed to load: {first_line(exc)}"
             logger.error("imgsearch: %s", self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
             return
         self.load_seconds = time.perf_counter() - started
         self.ready = True
@@ -798,6 +803,9 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             sock = _bind(host, port)
             server = _uvicorn.Server(_uvicorn.Config(app, host=host, port=port, **options))
             stop.attach(server)
+            # A service whose model cannot load is of no use: it exits with
+            # the reason, and an orchestrator restarts it (a person reads why).
+            app.state.service.on_load_failure = lambda: setattr(server, "should_exit", True)
             # Logged by us: uvicorn is silent about sockets it did not open.
             logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
                         encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
@@ -805,6 +813,8 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
                 server.run(sockets=[sock])
             finally:
                 sock.close()
+            if app.state.service.load_error is not None:
+                raise ImgsearchError(app.state.service.load_error)
             return
 
         create_app(encoder, **limits)  # the same checks, once, before any worker starts
@@ -812,10 +822,13 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
         # bind first turns "address in use" into our one-line error.
         _bind(host, port).close()
         runtime = encoder.options()
+        # Loaded here first: a model that cannot load stops the command with
+        # its reason before any worker starts (uvicorn would restart failing
+        # workers forever), and an export (and calibration) is made once, not
+        # in every worker at once.
+        encoder.ensure_loaded()
         runtime_name = "keras"
         if runtime.runtime != "keras":
-            # Export (and calibrate) once here, not in every worker at once.
-            encoder.ensure_loaded()
             runtime_name = "keras" if encoder.runtime_name in ("keras", "native") else runtime.runtime
         if stop.signalled:  # uvicorn's supervisor would not know
             return
