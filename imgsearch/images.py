@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,9 +332,12 @@ def _reasons(max_megapixels: float):
         yield
     except DecodeError:
         raise
-    except Image.DecompressionBombError:  # GIF frames are checked by Pillow itself
-        raise DecodeError(f"image too large (over Pillow's own limit; limit {max_megapixels:g}, "
-                          "see --max-megapixels)", "too large") from None
+    except Image.DecompressionBombError as exc:  # GIF frames and the like are checked by Pillow itself
+        # Pillow's message holds the size it read from the header: say it.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.3g} megapixels; " if found else ""
+        raise DecodeError(f"image too large ({size}Pillow reads this format only up to "
+                          f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g} megapixels)", "too large") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise DecodeError(f"corrupt or truncated image data ({first_line(exc)})") from None
     except MemoryError:

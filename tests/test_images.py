@@ -109,6 +109,17 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert imgs.decode(data, max_megapixels=200).size == (12000, 12000)
 
 
+def test_pillows_own_size_guard_is_reported_with_the_real_size(monkeypatch):
+    # Pillow checks some formats itself (WebP, GIF frames, TIFF tiles, MPO),
+    # beyond our own limit; its refusal names the image's size too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _encode(Image.new("RGB", (300, 200)), "WEBP")
+    with pytest.raises(imgs.DecodeError) as refused:
+        imgs.decode(data, max_megapixels=100)
+    assert str(refused.value) == "image too large (0.06 megapixels; Pillow reads this format only up to 0.002 megapixels)"
+    assert refused.value.kind == "too large"
+
+
 def test_discover_walks_folders_labels_by_parent_and_reports_missing(tmp_path):
     (tmp_path / "root" / "cats").mkdir(parents=True)
     (tmp_path / "root" / "cats" / "b.jpg").write_bytes(b"x")
