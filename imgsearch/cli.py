@@ -65,6 +65,11 @@ image_formats_option = click.option(
          "JPEG,PNG,WEBP,BMP,GIF,TIFF); files in other formats are refused. Example: JPEG,PNG,PPM.")
 
 
+def max_megapixels_option(default: float, help_text: str):
+    return click.option("--max-megapixels", type=POSITIVE, default=default, show_default=True,
+                        help=help_text + " (decompression-bomb guard).")
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -340,8 +345,7 @@ def encoders(ctx, fmt):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Commit to disk after this many new images.")
-@click.option("--max-megapixels", type=POSITIVE, default=100.0,
-              show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@max_megapixels_option(100.0, "Skip images larger than this")
 @image_formats_option
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
 @index_type_options
@@ -572,9 +576,11 @@ def verify(ctx, index_dir, repair):
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
+@max_megapixels_option(100.0, "Refuse larger query images")
 @format_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats,
+          max_megapixels, fmt):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
@@ -585,6 +591,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
+        idx.max_megapixels = max_megapixels
         if idx.store.count == 0:
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
@@ -626,10 +633,11 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
+@max_megapixels_option(100.0, "Refuse larger images")
 @format_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, image_formats, fmt):
+             precision, image_formats, max_megapixels, fmt):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
@@ -640,6 +648,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
+        idx.max_megapixels = max_megapixels
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method)
     if fmt == "json":
@@ -693,9 +702,10 @@ def _k_list(ctx, param, value):
               help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
 @runtime_option
 @precision_option(READ_PRECISION_HELP + " Used for --test images.")
+@max_megapixels_option(100.0, "Skip larger --test images")
 @click.pass_context
 def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks, votes, temperature, seed,
-             fmt, report_dir, runtime, precision):
+             fmt, report_dir, runtime, precision, max_megapixels):
     """Measure how accurate classification and retrieval are on labelled images.
 
     Choose one: --test (held-out labelled folders), --cv K, or --leave-one-out.
@@ -724,6 +734,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
+        idx.max_megapixels = max_megapixels
         result = run_evaluation(
             idx, mode=mode, test_paths=list(test_paths), folds=cv_folds or 5, ks=ks,
             labels=read_labels_csv(labels_csv) if labels_csv else None,
@@ -790,8 +801,7 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               help="Worker processes, each with its own copy of the model.")
 @click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
               help="Largest request body accepted, in MiB.")
-@click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,
-              help="Refuse larger images (decompression-bomb guard).")
+@max_megapixels_option(40.0, "Refuse larger images")
 @image_formats_option
 @click.option("--max-decode-mb", type=POSITIVE, default=512.0, show_default=True,
               help="Memory for decoding images, all requests together (estimated from each image's header); "

@@ -209,8 +209,11 @@ class Index:
         self._encoder = encoder
         # (encoder name, weights, runtime, precision) asked for, checked on first use
         self._wanted = wanted
-        # Pillow formats read from image files (see images.check_formats).
+        # Pillow formats read from image files (see images.check_formats),
+        # and the largest image read, for the images that queries, classify
+        # and evaluation embed (add() takes its own).
         self.formats = imgs.DEFAULT_FORMATS
+        self.max_megapixels = imgs.DEFAULT_MAX_MEGAPIXELS
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -623,7 +626,8 @@ class Index:
         for path in paths:
             try:
                 data = imgs.read_bytes(Path(path))
-                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats)
+                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats,
+                                                 max_megapixels=self.max_megapixels)
             except imgs.DecodeError as exc:
                 raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
             hashes.append(sha256_bytes(data))
@@ -656,7 +660,8 @@ class Index:
 
         def load(file):
             try:
-                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats)[0], None
+                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats,
+                                            max_megapixels=self.max_megapixels)[0], None
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 
