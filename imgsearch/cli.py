@@ -731,6 +731,10 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     if (precision or runtime != "auto") and not test_paths:
         raise click.UsageError("--precision and --runtime embed the --test images; --cv and "
                                "--leave-one-out use the vectors already in the index")
+    if report_dir:
+        from .outputs import check_output_folder
+
+        check_output_folder(report_dir, "--report")
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
@@ -751,7 +755,10 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     else:
         click.echo(format_table(result))
     if report_dir:
-        written = write_report(result, report_dir)
+        try:
+            written = write_report(result, report_dir)
+        except OSError as exc:  # a full disk, or the folder changed since it was checked
+            raise _Failure(f"cannot write the report in {report_dir}: {exc.strerror or exc}", 1) from None
         click.echo(f"report: {len(written)} files in {report_dir}", err=True)
 
 

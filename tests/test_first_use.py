@@ -34,3 +34,15 @@ def test_query_classify_and_evaluate_take_max_megapixels(index_dir, tmp_path):
                   "--max-megapixels", "150")
     assert "too large" not in counted.stderr
     assert json.loads(counted.stdout)["n"] == 2
+
+
+def test_a_bad_report_folder_is_refused_before_the_evaluation(index_dir, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for bad in (a_file / "report", a_file / "deeper" / "report"):
+        words = f"Error: --report {bad} cannot be created: {a_file} is not a folder"
+        refused = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1", "--report", bad, code=2)
+        assert refused.stdout == ""  # nothing was evaluated first
+        assert words in refused.stderr
+    good = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1", "--report", tmp_path / "new" / "report")
+    assert (tmp_path / "new" / "report" / "metrics.json").is_file() and "top1" in good.stdout.lower()
