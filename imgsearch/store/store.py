@@ -182,8 +182,11 @@ def _is_leftover(path: Path) -> bool:
     """A file an unfinished creation of ours may leave (or our lock file)."""
     if path.name not in _CREATION_LEFTOVERS:
         return False
-    if path.name == MANIFEST_FILE + ".tmp" and path.stat().st_size == 0:
-        return True  # killed between creating the temporary copy and writing it
+    try:
+        if path.name == MANIFEST_FILE + ".tmp" and path.stat().st_size == 0:
+            return True  # killed between creating the temporary copy and writing it
+    except FileNotFoundError:
+        return True  # renamed into place by a creation running now: the lock tells
     if path.name.startswith(MANIFEST_FILE):  # ours only if it reads as our manifest
         try:
             return "format_version" in json.loads(path.read_text())
@@ -306,6 +309,11 @@ class Store:
                     handle = _lock(directory)  # raises while another process creates it
                     if handle is not None:
                         handle.close()
+                if (directory / METADATA_FILE).exists():
+                    # Another process created it and finished after this one
+                    # found the folder empty (its model took longer to load).
+                    raise IndexLockedError(f"index {directory} was just created by another process; "
+                                           "run the command again to add to it")
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
