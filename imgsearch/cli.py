@@ -391,8 +391,10 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
       imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
       imgsearch index photos/ --index my-index --backend milvus --milvus-uri http://localhost:19530
     """
+    from .images import check_some_exist
     from .index import Index, read_labels_csv
 
+    check_some_exist(paths)
     if ray_gpus and not ray_address:
         raise click.UsageError("--ray-gpus needs --ray")
     if (backend_uri or backend_collection) and not backend:

@@ -120,6 +120,16 @@ def discover(paths, suffixes=IMAGE_SUFFIXES) -> tuple[list[ImageFile], list[Skip
     return found, skipped
 
 
+def check_some_exist(paths) -> None:
+    """:class:`NoImagesError` when none of ``paths`` exists: checked before
+    an encoder loads, so a mistyped folder costs no model load."""
+    from .errors import NoImagesError
+
+    if paths and not any(os.path.lexists(path) for path in paths):
+        shown = ", ".join(str(path) for path in paths)
+        raise NoImagesError(f"no image files found in {shown} (no such file or folder)")
+
+
 # Rows are converted a strip of about a megapixel at a time, so that no
 # full-size copy of a large picture is made beside the decoded one.
 _STRIP_PIXELS = 1 << 20

@@ -174,12 +174,22 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
             )
     encoder.use_runtime(RuntimeOptions(runtime, precision, calibration_id=(
         recorded.get("calibration") if precision == "int8" else None), fp32_fallback=fp32_fallback))
+
+    def check_weights():
+        if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
+            raise IndexMismatchError(
+                f"index {store.directory} was built with other {built_with} weights "
+                f"({recorded.get('weights')!r}) than {encoder.weights!r}; pass --weights with the same weights"
+            )
+
+    # Weights already here are compared before the model is built or
+    # exported: a refusal must not cost seconds, nor leave a cached export.
+    weights_here = encoder.weights_status().available
+    if weights_here:
+        check_weights()
     encoder.ensure_loaded()
-    if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
-        raise IndexMismatchError(
-            f"index {store.directory} was built with other {built_with} weights "
-            f"({recorded.get('weights')!r}) than {encoder.weights!r}; pass --weights with the same weights"
-        )
+    if not weights_here:
+        check_weights()  # fetched by the load
     return encoder
 
 

@@ -2,10 +2,26 @@
 before heavy work, and what is reported on stderr."""
 
 import json
+import shutil
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from conftest import SAMPLE_DATA, run
+
+BROKEN_PLUGINS = Path(__file__).resolve().parent / "plugins_broken"
+
+
+def run_broken(*args, code):
+    """The CLI with the encoder whose model never loads (see plugins_broken/)."""
+    from imgsearch.cli import main
+
+    result = CliRunner().invoke(main, ["--plugins-dir", str(BROKEN_PLUGINS), *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error:")] == result.stderr.splitlines()[-1:]
+    return result
 
 
 def _large_png(path, side=12000):
@@ -46,3 +62,28 @@ def test_a_bad_report_folder_is_refused_before_the_evaluation(index_dir, tmp_pat
         assert words in refused.stderr
     good = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1", "--report", tmp_path / "new" / "report")
     assert (tmp_path / "new" / "report" / "metrics.json").is_file() and "top1" in good.stdout.lower()
+
+
+def test_a_missing_folder_is_named_before_any_model_loads(tmp_path):
+    missing = tmp_path / "nonexistent_dir"
+    refused = run_broken("index", missing, "--index", tmp_path / "new", "--encoder", "broken", code=2)
+    assert refused.stderr == f"Error: no image files found in {missing} (no such file or folder)\n"
+    assert not (tmp_path / "new").exists()
+    # With a folder that exists, the model is what fails.
+    loaded = run_broken("index", SAMPLE_DATA / "queries", "--index", tmp_path / "new", "--encoder", "broken", code=1)
+    assert "weights of broken cannot be downloaded here" in loaded.stderr
+
+
+@pytest.mark.slow
+def test_other_weights_are_refused_before_a_model_is_built_or_exported(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(cache))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("church.jpg", "tench.jpg"):
+        shutil.copy(SAMPLE_DATA / "queries" / name, photos / name)
+    run("index", photos, "--index", tmp_path / "ix", "--encoder", "efficientnet-lite0", "--runtime", "keras")
+    refused = run("query", photos / "church.jpg", "--index", tmp_path / "ix", "--weights", "none", code=2)
+    assert "was built with other efficientnet-lite0 weights" in refused.stderr
+    # No random-weights model was exported into the cache on the way.
+    assert not (cache / "openvino").exists()

@@ -575,35 +575,11 @@ def test_several_workers_refuse_an_encoder_that_cannot_load_before_starting():
         call(port, "GET", "/.well-known/live", timeout=5)
 
 
-BROKEN_PLUGIN = """
-from imgsearch import Encoder, Preprocessing
-from imgsearch.errors import WeightsError
-
-class Broken(Encoder):
-    name = "broken"
-    dim = 3
-    preprocessing = Preprocessing(input_size=8, resize="stretch")
-    default_weights = "builtin"
-
-    def weights_fingerprint(self):
-        return "broken-v1"
-
-    def load(self):
-        raise WeightsError("weights of broken cannot be downloaded here")
-
-    def embed_batch(self, pixels):
-        return pixels.mean(axis=(1, 2))
-
-def register_encoders(register):
-    register(Broken)
-"""
 
 
 @needs_stack
-def test_the_command_exits_with_one_line_when_the_encoder_cannot_load(tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "broken.py").write_text(BROKEN_PLUGIN)
+def test_the_command_exits_with_one_line_when_the_encoder_cannot_load():
+    plugins = Path(__file__).resolve().parent / "plugins_broken"
     command = [sys.executable, "-m", "imgsearch", "--plugins-dir", str(plugins), "serve-vectorizer",
                "--encoder", "broken", "--port", str(_free_port())]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
