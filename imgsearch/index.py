@@ -407,7 +407,7 @@ class Index:
     def _add(self, paths, labels, batch_size, commit_every, max_megapixels, formats, progress, ray,
              ray_gpus) -> AddReport:
         started = time.perf_counter()
-        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats))
+        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats), formats)
         if not files:
             raise NoImagesError(
                 "no image files found in " + ", ".join(str(p) for p in paths)
