@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -120,6 +121,26 @@ class _Group(click.Group):
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+class _NoticeHandler(logging.Handler):
+    """The library's logged notices (an export under way, a fallback taken)
+    on stderr, where the CLI puts everything that is not a result.  Looks
+    sys.stderr up on each message, so a replaced stream (tests) is followed."""
+
+    def emit(self, record):
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _show_library_notices() -> None:
+    logger = logging.getLogger("imgsearch")
+    if not any(isinstance(h, _NoticeHandler) for h in logger.handlers):
+        handler = _NoticeHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def _terminate_as_interrupt() -> None:
@@ -284,6 +305,7 @@ def main(ctx, plugins_dir):
     """
     ctx.ensure_object(dict)
     ctx.obj["plugins_dir"] = plugins_dir
+    _show_library_notices()
     # TensorFlow's C++ start-up chatter (CPU features, oneDNN notices) would
     # bury the one line a user needs; a user's own setting still wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

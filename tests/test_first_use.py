@@ -87,3 +87,30 @@ def test_other_weights_are_refused_before_a_model_is_built_or_exported(tmp_path,
     assert "was built with other efficientnet-lite0 weights" in refused.stderr
     # No random-weights model was exported into the cache on the way.
     assert not (cache / "openvino").exists()
+
+
+@pytest.mark.slow
+def test_the_library_prints_nothing_and_the_cli_shows_its_notices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(SAMPLE_DATA / "queries" / "tench.jpg", photos / "tench.jpg")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    # A cold cache: TensorFlow is imported and the model exported, which
+    # logs a notice and makes TensorFlow's C++ logs speak.
+    code = ("from imgsearch import Index\n"
+            "with Index.build('ix', encoder='efficientnet-lite0') as index:\n"
+            "    print(index.add(['photos']).added)\n")
+    library = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env=dict(env, IMGSEARCH_CACHE_DIR=str(tmp_path / "cache-a")))
+    assert library.returncode == 0, library.stderr
+    assert (library.stdout, library.stderr) == ("1\n", "")
+    command = subprocess.run([sys.executable, "-m", "imgsearch", "index", "photos", "--index", "ix2", "--encoder",
+                              "efficientnet-lite0"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env=dict(env, IMGSEARCH_CACHE_DIR=str(tmp_path / "cache-b")))
+    assert command.returncode == 0, command.stderr
+    assert command.stderr.splitlines()[0].startswith("exporting efficientnet-lite0 to OpenVINO")
+    assert "cuInit" not in command.stderr and "oneDNN" not in command.stderr
