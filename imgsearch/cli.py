@@ -100,6 +100,18 @@ class _Group(click.Group):
                 raise
             raise _Failure(f"unexpected {type(exc).__name__}: {exc}", 1) from None
 
+    def format_commands(self, ctx, formatter):
+        # Each command's first sentence whole, wrapped, rather than click's
+        # cut at the terminal's width ("Fit a linear classifier on the...").
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
@@ -302,6 +314,10 @@ def main(ctx, plugins_dir):
       imgsearch index photos/ --index my-index
       imgsearch query query.jpg --index my-index -k 5
       imgsearch classify new.jpg --index my-index
+
+    The default encoder, resnet50, downloads its weights on first use;
+    offline, index with --encoder efficientnet-lite0 ('imgsearch encoders'
+    shows which encoders can run here).
     """
     ctx.ensure_object(dict)
     ctx.obj["plugins_dir"] = plugins_dir
@@ -322,9 +338,11 @@ def encoders(ctx, fmt):
       imgsearch encoders --format json
     """
     from .encoders import load_registry
+    from .index import DEFAULT_ENCODER
     from .runtime import exportable
 
     registry = load_registry(ctx.obj["plugins_dir"])
+    default = os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER
     rows = []
     for name in registry.names():
         encoder = registry.create(name)
@@ -335,20 +353,28 @@ def encoders(ctx, fmt):
             "name": name, "dim": encoder.dim, "description": encoder.description,
             "weights": encoder.weights, "weights_available": status.available,
             "weights_detail": status.detail, "source": registry.source(name),
-            "precisions": precisions,
+            "precisions": precisions, "default": name == default,
         })
     if fmt == "json":
         for row in rows:
             click.echo(json.dumps(row))
         return
     click.echo(_table(
-        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", ",".join(r["precisions"]),
-          r["description"]] for r in rows],
+        [[r["name"] + (" (default)" if r["default"] else ""), r["dim"], "yes" if r["weights_available"] else "no",
+          ",".join(r["precisions"]), r["description"]] for r in rows],
         ["name", "dim", "weights here", "precisions", "description"],
     ))
     for row in rows:
         if not row["weights_available"]:
             click.echo(f"{row['name']}: {row['weights_detail']}", err=True)
+    ready = [r["name"] for r in rows if r["weights_available"]]
+    chosen = next((r for r in rows if r["default"]), None)
+    if chosen is None:
+        _warn(f"the default encoder {default!r} (IMGSEARCH_ENCODER) is not registered")
+    elif not chosen["weights_available"]:
+        others = f"; where they cannot be fetched, pass --encoder {ready[0]}" if ready else ""
+        click.echo(f"note: new indexes use {default} unless --encoder says otherwise, and its weights are not "
+                   f"here{others}", err=True)
 
 
 @main.command()

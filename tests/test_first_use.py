@@ -114,3 +114,34 @@ def test_the_library_prints_nothing_and_the_cli_shows_its_notices(tmp_path):
     assert command.returncode == 0, command.stderr
     assert command.stderr.splitlines()[0].startswith("exporting efficientnet-lite0 to OpenVINO")
     assert "cuInit" not in command.stderr and "oneDNN" not in command.stderr
+
+
+def test_the_top_level_help_shows_each_command_s_first_sentence_whole():
+    from imgsearch.cli import main
+
+    shown = CliRunner().invoke(main, ["--help"], terminal_width=80).stdout
+    commands = " ".join(shown.split("Commands:")[1].split())
+    assert "train-classifier Fit a linear classifier on the labelled index's features." in commands
+    assert "verify Check an index: metadata, vectors and manifest against each other." in commands
+    assert "..." not in commands
+    assert "offline, index with --encoder efficientnet-lite0" in " ".join(shown.split())
+
+
+def test_encoders_names_the_default_and_what_to_use_when_its_weights_are_missing(monkeypatch):
+    listed = [json.loads(line) for line in run("encoders", "--format", "json").stdout.splitlines()]
+    assert [row["name"] for row in listed if row["default"]] == ["resnet50"]
+    monkeypatch.setenv("IMGSEARCH_ENCODER", "tiny-color")
+    listed = [json.loads(line) for line in run("encoders", "--format", "json").stdout.splitlines()]
+    assert [row["name"] for row in listed if row["default"]] == ["tiny-color"]
+    table = run("encoders").stdout
+    assert "tiny-color (default)" in table and "resnet50 (default)" not in table
+    # Weights missing (as resnet50's are before their first download):
+    # the note names an encoder that can run here.
+    monkeypatch.setenv("IMGSEARCH_ENCODER", "resnet50")
+    monkeypatch.setenv("IMGSEARCH_RESNET50_WEIGHTS", "/nonexistent/weights.h5")
+    shown = run("encoders")
+    resnet = next(line for line in shown.stdout.splitlines() if line.startswith("resnet50"))
+    assert resnet.split()[:4] == ["resnet50", "(default)", "2048", "no"]
+    assert shown.stderr.splitlines()[-1] == (
+        "note: new indexes use resnet50 unless --encoder says otherwise, and its weights are not here; "
+        "where they cannot be fetched, pass --encoder efficientnet-lite0")
