@@ -193,6 +193,11 @@ def _progress_bar(label: str):
     return progress
 
 
+def _count(number: int, thing: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -469,7 +474,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
             f"{index_dir} holds {idx.store.count} images"
         )
         if pruned is not None:
-            click.echo(f"pruned {pruned.removed} images and {pruned.paths_only} duplicate paths whose files are gone")
+            click.echo(f"pruned {_count(pruned.removed, 'image')} and {_count(pruned.paths_only, 'duplicate path')} "
+                       "whose files are gone")
         kind, reason = idx.optimize_due() or (None, None)
         if (index_type or target_recall or max_memory) and not idx.store.created_here:
             kind, reason = "optimize", "new search settings"
@@ -483,10 +489,11 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
             count = len(report.unmatched_labels)
             _warn(f"{count} {'row' if count == 1 else 'rows'} of {labels_csv} name no image found here "
                   f"(first: {report.unmatched_labels[0]})")
+        # Notices, not results: stderr, as every warning.
         for path, original in report.duplicates:
-            click.echo(f"duplicate: {path} (same content as {original})")
+            click.echo(f"duplicate: {path} (same content as {original})", err=True)
         for skip in report.skipped:
-            click.echo(f"skipped: {skip.path}: {skip.reason}")
+            click.echo(f"skipped: {skip.path}: {skip.reason}", err=True)
         if errors_out:
             with errors_out:
                 out = csv.writer(errors_out)
@@ -903,8 +910,6 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
         model.use_runtime(Calibration.from_paths(calibration_paths, model.preprocessing).options(runtime))
     else:
         model.use_runtime(RuntimeOptions(runtime, precision or "fp32"))
-    click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
-               f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
     run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,
         formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
         max_connections=max_connections, read_timeout_s=read_timeout,

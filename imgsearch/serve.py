@@ -38,6 +38,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -793,8 +794,12 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
     connections = {"read_timeout_s": read_timeout_s, "max_connections": max_connections}
     _connection_limits.update(connections)
     # The connection limit is _ServiceProtocol's, not uvicorn's limit_concurrency.
+    # uvicorn's own logging, with the access log moved from stdout to stderr
+    # beside every other line: stdout is for results.
+    log_config = copy.deepcopy(_uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
     options = {"log_level": log_level, "access_log": access_log, "lifespan": "on", "http": _ServiceProtocol,
-               "timeout_graceful_shutdown": graceful_timeout_s}
+               "timeout_graceful_shutdown": graceful_timeout_s, "log_config": log_config}
     shown_host = f"[{host}]" if ":" in host else host
 
     with _stop_signals_end_run() as stop:
@@ -807,8 +812,9 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
             # the reason, and an orchestrator restarts it (a person reads why).
             app.state.service.on_load_failure = lambda: setattr(server, "should_exit", True)
             # Logged by us: uvicorn is silent about sockets it did not open.
-            logger.info("imgsearch: serving encoder %s (dim %d) on http://%s:%d (Ctrl-C to stop)",
-                        encoder.name, encoder.dim, shown_host, sock.getsockname()[1])
+            address = f"http://{shown_host}:{sock.getsockname()[1]}"
+            logger.info("imgsearch: serving encoder %s (dim %d) on %s (IMAGE_INFERENCE_API=%s; Ctrl-C to stop)",
+                        encoder.name, encoder.dim, address, address)
             try:
                 server.run(sockets=[sock])
             finally:

@@ -883,9 +883,12 @@ def test_the_serve_vectorizer_command(tmp_path):
         assert answer["id"] == "a/../../b" and answer["dim"] == 48 and len(answer["vector"]) == 48
     finally:
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert f"serving tiny-color (48-d) on http://127.0.0.1:{port}" in err
+    # Said once, and the access log is on stderr: stdout is for results.
+    assert err.count("serving encoder tiny-color") == 1
+    assert f"serving encoder tiny-color (dim 48) on http://127.0.0.1:{port}" in err
+    assert '"POST /vectors HTTP/1.1" 200' in err and out == ""
 
 
 # -- memory, connections and timeouts under hostile load ------------------------------
