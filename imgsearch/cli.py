@@ -114,6 +114,7 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
+        args = _plugins_dir_first(sys.argv[1:] if args is None else list(args))
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as exc:
@@ -153,6 +154,19 @@ def _show_library_notices() -> None:
         handler = _NoticeHandler(logging.WARNING)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+
+
+def _plugins_dir_first(args: list[str]) -> list[str]:
+    """``--plugins-dir DIR`` moved before the command, where click takes a
+    group's options: users put it after the command as often as before."""
+    for number, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg.startswith("--plugins-dir=") and number:
+            return [arg, *args[:number], *args[number + 1:]]
+        if arg == "--plugins-dir" and number and number + 1 < len(args):
+            return [arg, args[number + 1], *args[:number], *args[number + 2:]]
+    return args
 
 
 def _terminate_as_interrupt() -> None:
@@ -333,7 +347,8 @@ def main(ctx, plugins_dir):
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format; json is JSON Lines, one object per encoder.")
 @click.pass_context
 def encoders(ctx, fmt):
     """List the registered encoders and whether their weights are here.
@@ -730,7 +745,8 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
 
 def _k_list(ctx, param, value):
     try:
-        ks = sorted({int(part) for part in str(value).split(",") if part.strip()})
+        # int() refuses an empty part, so "1,,5" is an error, not a typo let through.
+        ks = sorted({int(part) for part in str(value).split(",")})
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
     if not ks or ks[0] < 1:
@@ -750,8 +766,9 @@ def _k_list(ctx, param, value):
 @click.option("-k", "ks", default="1,5,10,20", show_default=True, callback=_k_list,
               help="Neighbour counts to evaluate, comma-separated.")
 @click.option("--vote", "votes", type=click.Choice(["weighted", "majority", "both"]), default="weighted",
-              show_default=True)
-@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True)
+              show_default=True, help="How the k neighbours vote (see 'classify'); both evaluates each.")
+@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True,
+              help="T of the weighted vote: each neighbour counts exp(similarity / T).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cross-validation folds.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: JSON Lines, one object per evaluated setting.")
@@ -796,6 +813,9 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
         idx.max_megapixels = max_megapixels
+        labelled = sum(idx.store.labels().values())
+        if ks[-1] > labelled:
+            _warn(f"k={ks[-1]} but the index holds {labelled} labelled images")
         result = run_evaluation(
             idx, mode=mode, test_paths=list(test_paths), folds=cv_folds or 5, ks=ks,
             labels=read_labels_csv(labels_csv) if labels_csv else None,
@@ -825,7 +845,8 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
               help="Logistic regression or a linear SVM.")
 @click.option("--C", "c_value", default="auto", show_default=True,
               help="Regularisation; 'auto' chooses from 0.01..1000 by cross-validation.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the cross-validation folds that choose C (and of the SVM's solver).")
 @click.pass_context
 def train_classifier(ctx, index_dir, method, c_value, seed):
     """Fit a linear classifier on the labelled index's features.
@@ -841,7 +862,11 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
     from .index import Index
 
     if c_value != "auto":
-        c_value = POSITIVE.convert(c_value, None, ctx)
+        try:
+            c_value = POSITIVE.convert(c_value, None, ctx)
+        except click.BadParameter as exc:
+            exc.param_hint = "'--C'"  # converted here, so click does not know the option
+            raise
     with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
         _warn_if_random(idx)
         model = idx.train_classifier(method=method, C=c_value, seed=seed)
@@ -860,7 +885,8 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               metavar="PATH", help="Images (files or folders; repeatable) that calibrate --precision int8.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 makes the service reachable from other machines.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="TCP port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes, each with its own copy of the model.")
 @click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
@@ -918,7 +944,8 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
 
 @main.command()
 @index_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format; json is one object.")
 @click.pass_context
 def info(ctx, index_dir, fmt):
     """Show how an index was built, its size and its labels.

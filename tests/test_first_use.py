@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import click
 from click.testing import CliRunner
 from PIL import Image
 
@@ -145,3 +146,36 @@ def test_encoders_names_the_default_and_what_to_use_when_its_weights_are_missing
     assert shown.stderr.splitlines()[-1] == (
         "note: new indexes use resnet50 unless --encoder says otherwise, and its weights are not here; "
         "where they cannot be fetched, pass --encoder efficientnet-lite0")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from imgsearch.cli import main
+
+    bare = [f"{name} {param.opts[0]}" for name, command in sorted(main.commands.items())
+            for param in command.params if isinstance(param, click.Option) and not param.help]
+    assert bare == []
+
+
+def test_k_lists_and_c_values_are_checked_with_the_option_named(index_dir):
+    refused = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1,,5", code=2)
+    assert "'1,,5' is not a comma-separated list of numbers" in refused.stderr
+    warned = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1,5000", "--format", "json")
+    assert "warning: k=5000 but the index holds 50 labelled images" in warned.stderr
+    refused = run("train-classifier", "--index", index_dir, "--C", "0", code=2)
+    assert "Invalid value for '--C': '0' must be a finite number above zero" in refused.stderr
+
+
+def test_plugins_dir_may_follow_the_command(tmp_path):
+    from imgsearch.cli import main
+
+    from conftest import PLUGINS_DIR
+
+    for args in (["encoders", "--plugins-dir", str(PLUGINS_DIR), "--format", "json"],
+                 ["encoders", "--format", "json", f"--plugins-dir={PLUGINS_DIR}"]):
+        listed = CliRunner().invoke(main, args)
+        assert listed.exit_code == 0, listed.stderr
+        assert "tiny-color" in [json.loads(line)["name"] for line in listed.stdout.splitlines()]
+    # An index made with a plugin's encoder, the option after the command.
+    made = CliRunner().invoke(main, ["index", str(SAMPLE_DATA / "queries"), "--index", str(tmp_path / "ix"),
+                                     "--encoder", "tiny-color", "--plugins-dir", str(PLUGINS_DIR)])
+    assert made.exit_code == 0, made.stderr
