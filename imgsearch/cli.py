@@ -198,6 +198,10 @@ def _progress_bar(label: str):
 
     def progress(done, total):
         if "bar" not in state:
+            # Nothing to follow when done in one step, and nothing to draw
+            # on a pipe or a log file (click would write the label alone).
+            if done >= total or not sys.stderr.isatty():
+                return
             state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
             state["bar"].__enter__()
         state["bar"].update(done - state["bar"].pos)
@@ -668,7 +672,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
-        results = idx.query(list(images), k=k, include_self=include_self)
+        results = idx.query(list(images), k=k, include_self=include_self, progress=_progress_bar("embedding"))
     if fmt == "json":
         for result in results:
             click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
@@ -722,7 +726,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
         idx.formats = image_formats or idx.formats
         idx.max_megapixels = max_megapixels
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
-                               include_self=include_self, method=method)
+                               include_self=include_self, method=method, progress=_progress_bar("classifying"))
     if fmt == "json":
         for r in results:
             click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
@@ -869,7 +873,7 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
             raise
     with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
         _warn_if_random(idx)
-        model = idx.train_classifier(method=method, C=c_value, seed=seed)
+        model = idx.train_classifier(method=method, C=c_value, seed=seed, progress=_progress_bar("choosing C"))
     chosen = f", cross-validated accuracy {model.cv_accuracy:.4f}" if model.cv_accuracy is not None else ""
     click.echo(f"trained {model.method} on {len(model.classes)} labels with C={model.C:g}{chosen}; "
                f"saved in {index_dir}")

@@ -629,28 +629,38 @@ class Index:
         return report
 
     # -- searching -------------------------------------------------------
-    def embed_files(self, paths) -> tuple[np.ndarray, list[str]]:
-        """Normalised vectors of image files and their content hashes;
-        a file that cannot be read is an error, not a skip."""
-        pixels, hashes = [], []
-        for path in paths:
-            try:
-                data = imgs.read_bytes(Path(path))
-                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats,
-                                                 max_megapixels=self.max_megapixels)
-            except imgs.DecodeError as exc:
-                raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
-            hashes.append(sha256_bytes(data))
-            pixels.append(image_pixels)
-        if not pixels:
+    def embed_files(self, paths, *, progress: Progress | None = None) -> tuple[np.ndarray, list[str]]:
+        """Normalised vectors of image files and their content hashes, a
+        batch at a time (``progress(done, total)`` after each); a file that
+        cannot be read is an error, not a skip."""
+        paths = list(paths)
+        if not paths:
             raise UsageError("no query images given")
-        return l2_normalize(self.encoder.embed_pixels(np.stack(pixels))), hashes
+        batch = self.encoder.batch_size
+        vectors, hashes = [], []
+        for start in range(0, len(paths), batch):
+            pixels = []
+            for path in paths[start:start + batch]:
+                try:
+                    data = imgs.read_bytes(Path(path))
+                    image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats,
+                                                     max_megapixels=self.max_megapixels)
+                except imgs.DecodeError as exc:
+                    raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
+                hashes.append(sha256_bytes(data))
+                pixels.append(image_pixels)
+            vectors.append(l2_normalize(self.encoder.embed_pixels(np.stack(pixels))))
+            if progress:
+                progress(start + len(pixels), len(paths))
+        return np.concatenate(vectors), hashes
 
-    def query(self, paths, *, k: int = 10, include_self: bool = False) -> list[QueryResult]:
-        """The ``k`` most similar indexed images of each image file."""
+    def query(self, paths, *, k: int = 10, include_self: bool = False,
+              progress: Progress | None = None) -> list[QueryResult]:
+        """The ``k`` most similar indexed images of each image file
+        (``progress(done, total)`` follows their embedding)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
-        vectors, hashes = self.embed_files(paths)
+        vectors, hashes = self.embed_files(paths, progress=progress)
         # One extra neighbour so that dropping the query itself still leaves k.
         found = self.store.search(vectors, k if include_self else k + 1)
         results = []
@@ -726,9 +736,11 @@ class Index:
         return (f"{manifest['created']}/r{revision}/"
                 f"{manifest['encoder']['name']}/{manifest['encoder'].get('weights_fingerprint')}")
 
-    def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0):
+    def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0,
+                         progress: Progress | None = None):
         """Fit a linear classifier on the labelled vectors and save it in the
-        index folder (the index must be open for writing)."""
+        index folder (the index must be open for writing); ``progress(done,
+        total)`` follows the cross-validation that chooses C."""
         from . import linear
 
         if not self.store.writable:
@@ -737,7 +749,7 @@ class Index:
         if not entries:
             raise UsageError(f"index {self.store.directory} has no labels to train on")
         model = linear.fit(vectors, [e.label for e in entries], method=method, C=C,
-                           fingerprint=self.state_fingerprint(), seed=seed)
+                           fingerprint=self.state_fingerprint(), seed=seed, progress=progress)
         model.save(self.store.directory)
         return model
 
@@ -759,14 +771,15 @@ class Index:
 
     def classify(self, paths, *, k: int = 20, vote: str = "weighted",
                  temperature: float = knn.DEFAULT_TEMPERATURE, include_self: bool = False,
-                 method: str = "knn") -> list[Classification]:
+                 method: str = "knn", progress: Progress | None = None) -> list[Classification]:
         """A label for each image file by a vote of its ``k`` nearest labelled
-        neighbours, or (``method="linear"``) by the trained linear classifier."""
+        neighbours, or (``method="linear"``) by the trained linear classifier;
+        ``progress(done, total)`` follows the images' embedding."""
         if method == "linear":
             model = self.classifier()
             if model.coef.shape[1] != self.store.dim:
                 raise IndexMismatchError("the classifier does not fit this index's vectors; train it again")
-            vectors, hashes = self.embed_files(paths)
+            vectors, hashes = self.embed_files(paths, progress=progress)
             ranked, confidence = model.predict(vectors)
             # The neighbours are shown for context, without the image itself.
             found = self.store.search(vectors, k if include_self else k + 1)
@@ -786,7 +799,7 @@ class Index:
                 "(root/<label>/image.jpg) or pass --labels CSV"
             )
         results = []
-        for result in self.query(paths, k=k, include_self=include_self):
+        for result in self.query(paths, k=k, include_self=include_self, progress=progress):
             decision = knn.vote([(h.entry.label, h.score) for h in result.hits], vote, temperature)
             results.append(Classification(result.query, decision.label, decision.confidence, result.hits))
         return results

@@ -179,3 +179,19 @@ def test_plugins_dir_may_follow_the_command(tmp_path):
     made = CliRunner().invoke(main, ["index", str(SAMPLE_DATA / "queries"), "--index", str(tmp_path / "ix"),
                                      "--encoder", "tiny-color", "--plugins-dir", str(PLUGINS_DIR)])
     assert made.exit_code == 0, made.stderr
+
+
+def test_classify_and_query_report_progress_a_batch_at_a_time(index_dir):
+    from imgsearch.index import Index
+
+    from conftest import PLUGINS_DIR
+
+    photos = sorted((SAMPLE_DATA / "labelled").rglob("*.jpg"))[:20]
+    with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
+        calls = []
+        decided = index.classify(photos, k=5, progress=lambda done, total: calls.append((done, total)))
+        assert calls == [(8, 20), (16, 20), (20, 20)]  # tiny-color embeds 8 at a time
+        assert len(decided) == 20
+        calls.clear()
+        found = index.query(photos[:3], k=2, progress=lambda done, total: calls.append((done, total)))
+        assert calls == [(3, 3)] and [len(r.hits) for r in found] == [2, 2, 2]
