@@ -975,6 +975,16 @@ def info(ctx, index_dir, fmt):
     click.echo(f"{'labels:':<21}{len(labels)}")
     for label, count in labels.items():
         click.echo(f"  {label:<19}{count}")
+    click.echo(f"{'unlabelled:':<21}{facts['unlabelled']}")
+    classifier = facts["classifier"]
+    if classifier is None:
+        state = "none (imgsearch train-classifier)"
+    elif classifier["damaged"]:
+        state = "damaged; train it again"
+    else:
+        state = (f"{classifier['method']} on {classifier['labels']} labels, "
+                 + ("current" if classifier["current"] else "stale: the index changed since; train it again"))
+    click.echo(f"{'classifier:':<21}{state}")
 
 
 if __name__ == "__main__":  # pragma: no cover

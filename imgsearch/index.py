@@ -327,6 +327,7 @@ class Index:
         manifest = self.store.manifest
         built = manifest.get("ann") or {}
         search = manifest.get("search") or {}
+        labels = self.store.labels()
         return {
             "path": str(self.store.directory),
             **self.store.backend.describe(),
@@ -352,8 +353,24 @@ class Index:
             "disk_bytes": _disk_bytes(self.store.directory),
             "created": manifest["created"],
             "updated": manifest["updated"],
-            "labels": self.store.labels(),
+            "labels": labels,
+            "unlabelled": self.store.count - sum(labels.values()),
+            "classifier": self._classifier_facts(),
         }
+
+    def _classifier_facts(self) -> dict | None:
+        """The saved linear classifier in brief, and whether it still fits
+        this index state (None: none trained)."""
+        from . import linear
+
+        try:
+            model = linear.LinearModel.load(self.store.directory)
+        except ImgsearchError:
+            return {"method": None, "labels": 0, "current": False, "damaged": True}
+        if model is None:
+            return None
+        return {"method": model.method, "labels": len(model.classes), "current":
+                model.fingerprint == self.state_fingerprint(), "damaged": False}
 
     # -- adding ----------------------------------------------------------
     def add(self, paths, *, labels: dict[str, str] | None = None, batch_size: int | None = None,

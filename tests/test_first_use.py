@@ -195,3 +195,17 @@ def test_classify_and_query_report_progress_a_batch_at_a_time(index_dir):
         calls.clear()
         found = index.query(photos[:3], k=2, progress=lambda done, total: calls.append((done, total)))
         assert calls == [(3, 3)] and [len(r.hits) for r in found] == [2, 2, 2]
+
+
+def test_info_counts_unlabelled_images_and_says_whether_a_classifier_is_trained(index_dir, tmp_path):
+    facts = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
+    assert (facts["count"], facts["unlabelled"], facts["classifier"]) == (50, 0, None)
+    assert "classifier:          none (imgsearch train-classifier)" in run("info", "--index", index_dir).stdout
+    run("train-classifier", "--index", index_dir, "--C", "1")
+    facts = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
+    assert facts["classifier"] == {"method": "logreg", "labels": 5, "current": True, "damaged": False}
+    run("index", SAMPLE_DATA / "queries", "--index", index_dir)  # unlabelled photos, a new index state
+    facts = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
+    assert (facts["count"], facts["unlabelled"], facts["classifier"]["current"]) == (55, 5, False)
+    shown = run("info", "--index", index_dir).stdout
+    assert "unlabelled:          5" in shown and "stale: the index changed since" in shown
