@@ -122,6 +122,7 @@ class _Group(click.Group):
             click.echo(f"Error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
+            _end_open_bars()
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -192,6 +193,17 @@ def _open_errors_csv(path: str, index_dir: str):
         raise click.UsageError(f"cannot write --errors file {path}: {exc.strerror or exc}") from None
 
 
+# Bars drawn and not finished: a failure (Ctrl-C) ends their line before
+# its message, which would otherwise follow the bar on the same line.
+_OPEN_BARS: list = []
+
+
+def _end_open_bars() -> None:
+    while _OPEN_BARS:
+        _OPEN_BARS.pop()
+        click.echo(err=True)
+
+
 def _progress_bar(label: str):
     """A progress(done, total) callback drawing a bar on stderr."""
     state = {}
@@ -203,10 +215,13 @@ def _progress_bar(label: str):
             if done >= total or not sys.stderr.isatty():
                 return
             state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            _OPEN_BARS.append(state["bar"])  # first: Ctrl-C may come while it is drawn
             state["bar"].__enter__()
         state["bar"].update(done - state["bar"].pos)
         if done >= total:
-            state.pop("bar").__exit__(None, None, None)
+            bar = state.pop("bar")
+            _OPEN_BARS.remove(bar)
+            bar.__exit__(None, None, None)
 
     return progress
 

@@ -416,9 +416,12 @@ class Index:
                     f"(first: {first.path}: {first.reason}); no index was created"
                 )
             return report
-        except BaseException:
+        except BaseException as exc:
             if self.store.created_here and self.store.count == 0:
                 self.store.discard()
+                if isinstance(exc, Interrupted):  # there is nothing to resume
+                    raise Interrupted("interrupted before any image was committed; the new index was "
+                                      "removed") from None
             raise
 
     def _add(self, paths, labels, batch_size, commit_every, max_megapixels, formats, progress, ray,

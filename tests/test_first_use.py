@@ -209,3 +209,58 @@ def test_info_counts_unlabelled_images_and_says_whether_a_classifier_is_trained(
     assert (facts["count"], facts["unlabelled"], facts["classifier"]["current"]) == (55, 5, False)
     shown = run("info", "--index", index_dir).stdout
     assert "unlabelled:          5" in shown and "stale: the index changed since" in shown
+
+
+def test_a_new_index_interrupted_before_its_first_commit_says_it_was_removed(tmp_path, registry):
+    from imgsearch.errors import Interrupted
+    from imgsearch.index import Index
+
+    def interrupted(pixels):
+        raise KeyboardInterrupt  # Ctrl-C while the first batch is embedded
+
+    index = Index.build(tmp_path / "new", encoder="tiny-color", registry=registry)
+    index.encoder.embed_pixels = interrupted
+    with pytest.raises(Interrupted) as stopped, index:
+        index.add([SAMPLE_DATA / "queries"])
+    assert str(stopped.value) == "interrupted before any image was committed; the new index was removed"
+    assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_on_a_terminal_puts_the_error_on_a_line_of_its_own(tmp_path):
+    # A real terminal (a pseudo-terminal), since progress bars are drawn
+    # only there; the paced test encoder keeps the run going meanwhile.
+    import os
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plugins = Path(__file__).resolve().parent / "plugins_ray"
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "imgsearch", "--plugins-dir", str(plugins), "index",
+                                str(SAMPLE_DATA / "labelled"), "--index", str(tmp_path / "ix"), "--encoder",
+                                "paced-color", "--commit-every", "8"],
+                               stdin=secondary, stdout=secondary, stderr=secondary,
+                               env=dict(os.environ, IMGSEARCH_TEST_PACE_S="0.5"))
+    os.close(secondary)
+    seen, deadline = b"", time.monotonic() + 120
+    try:
+        while b"%" not in seen and time.monotonic() < deadline:  # the bar is drawn
+            seen += os.read(primary, 4096)
+        process.send_signal(signal.SIGINT)
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        process.wait(60)
+        os.close(primary)
+    assert process.returncode == 130
+    lines = seen.decode().replace("\r\n", "\n").split("\n")
+    errors = [line for line in lines if "Error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("Error: interrupted:"), lines
