@@ -81,10 +81,17 @@ class _Group(click.Group):
     """Turns every failure into one line on stderr and an exit code."""
 
     def invoke(self, ctx):
-        from .errors import ImgsearchError
+        from .errors import DamagedIndexError, ImgsearchError
 
         try:
             return super().invoke(ctx)
+        except DamagedIndexError as exc:
+            # The next step.  'info' shows how the index was built whatever
+            # the damage, which rebuilding it needs.
+            shown = "" if ctx.invoked_subcommand == "info" else "'imgsearch info' still shows how it was built; "
+            hint = (f"; {shown}a damaged file cannot be mended in place: restore the folder from a backup, "
+                    "or index the images again into a new one")
+            raise _Failure(f"{exc}{hint}", exc.exit_code) from None
         except ImgsearchError as exc:
             raise _Failure(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
@@ -961,6 +968,28 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
         batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
 
 
+def _show_recorded_manifest(index_dir, fmt) -> None:
+    """What manifest.json records, for an index too damaged to open: how it
+    was built is worth knowing before rebuilding it."""
+    try:
+        with open(os.path.join(index_dir, "manifest.json"), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        encoder = manifest["encoder"]
+        facts = {"path": str(index_dir), "damaged": True, "count": manifest.get("count"),
+                 "encoder": encoder.get("name"), "dim": manifest.get("dim"), "weights": encoder.get("weights"),
+                 "precision": encoder.get("precision", "fp32"), "created": manifest.get("created"),
+                 "updated": manifest.get("updated")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # the manifest is damaged too: the error says so
+    if fmt == "json":
+        click.echo(json.dumps(facts))
+        return
+    click.echo("as recorded in manifest.json (the index could not be opened):")
+    for key, value in facts.items():
+        if value is not None and key != "damaged":
+            click.echo(f"{key + ':':<21}{value}")
+
+
 @main.command()
 @index_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
@@ -973,9 +1002,15 @@ def info(ctx, index_dir, fmt):
     Example:
       imgsearch info --index my-index --format json
     """
-    with _open(ctx, index_dir) as idx:
-        _warn_if_random(idx)
-        facts = idx.info()
+    from .errors import DamagedIndexError
+
+    try:
+        with _open(ctx, index_dir) as idx:
+            _warn_if_random(idx)
+            facts = idx.info()
+    except DamagedIndexError:
+        _show_recorded_manifest(index_dir, fmt)
+        raise
     if fmt == "json":
         click.echo(json.dumps(facts))
         return

@@ -264,3 +264,18 @@ def test_ctrl_c_on_a_terminal_puts_the_error_on_a_line_of_its_own(tmp_path):
     lines = seen.decode().replace("\r\n", "\n").split("\n")
     errors = [line for line in lines if "Error:" in line]
     assert len(errors) == 1 and errors[0].startswith("Error: interrupted:"), lines
+
+
+def test_a_damaged_index_says_what_to_do_and_info_still_shows_how_it_was_built(index_dir):
+    vectors = next(index_dir.glob("seg-*.vec"))
+    data = bytearray(vectors.read_bytes())
+    data[-5] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    query = SAMPLE_DATA / "queries" / "tench.jpg"
+    refused = run("query", query, "--index", index_dir, code=1).stderr
+    assert "does not match the checksum recorded when it was written; 'imgsearch info' still shows how it " \
+           "was built; a damaged file cannot be mended in place" in refused
+    shown = run("info", "--index", index_dir, code=1)
+    assert "encoder:             tiny-color" in shown.stdout and "count:               50" in shown.stdout
+    facts = json.loads(run("info", "--index", index_dir, "--format", "json", code=1).stdout)
+    assert (facts["damaged"], facts["count"], facts["encoder"], facts["dim"]) == (True, 50, "tiny-color", 48)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadIndexError, IndexLockedError, first_line
+from ..errors import BadIndexError, DamagedIndexError, IndexLockedError, first_line
 from . import ann
 from . import backend as backends
 from .files import LOCK_FILE, deferred_signals, fsync_dir, lock as _lock, write_atomic
@@ -440,7 +440,7 @@ class Store:
             db = sqlite3.connect(path, timeout=30, check_same_thread=False)
             db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
+            raise DamagedIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
         if not writable:
             return cls(directory, db, False, check_manifest)
         from .legacy import convert_if_old
@@ -472,8 +472,8 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _damaged(self, what: str) -> BadIndexError:
-        return BadIndexError(f"index {self.directory} is damaged: {what}")
+    def _damaged(self, what: str) -> DamagedIndexError:
+        return DamagedIndexError(f"index {self.directory} is damaged: {what}")
 
     def _load_state(self, attempts: int = 10) -> None:
         for attempt in range(attempts):
@@ -499,7 +499,7 @@ class Store:
                 self._next_id = int(state["next_id"])
                 self._next_segment = int(state["next_segment"])
             except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as exc:
-                raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
+                raise DamagedIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
             if self.backend is None:
                 self.backend = backends.get((manifest.get("backend") or {}).get("name", backends.DEFAULT))(
                     self, manifest.get("backend") or {"name": backends.DEFAULT})
