@@ -279,3 +279,20 @@ def test_a_damaged_index_says_what_to_do_and_info_still_shows_how_it_was_built(i
     assert "encoder:             tiny-color" in shown.stdout and "count:               50" in shown.stdout
     facts = json.loads(run("info", "--index", index_dir, "--format", "json", code=1).stdout)
     assert (facts["damaged"], facts["count"], facts["encoder"], facts["dim"]) == (True, 50, "tiny-color", 48)
+
+
+def test_the_confusion_picture_scales_the_errors_on_their_own(tmp_path):
+    import numpy as np
+
+    from imgsearch.evaluation import Scores
+    from imgsearch.report import confusion_png
+
+    confusion = np.array([[90, 2], [0, 80]])
+    scores = Scores("knn", 5, "weighted", 172, 0.99, 1.0, 0.99, {}, confusion, ["cat", "dog"], [])
+    with Image.open(confusion_png(scores, tmp_path / "m.png")) as picture:
+        picture = picture.convert("RGB")
+        pixels = np.asarray(picture)
+    # The most frequent error is as dark as the fullest diagonal cell, in red.
+    reds = {tuple(p) for p in pixels.reshape(-1, 3) if p[0] == 255 and p[1] == p[2] and p[1] < 250}
+    blues = {tuple(p) for p in pixels.reshape(-1, 3) if p[2] == 255 and p[0] == p[1] and p[0] < 250}
+    assert (255, 55, 55) in reds and (55, 55, 255) in blues
