@@ -292,8 +292,28 @@ check_encoder_option = click.option(
 )
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
                              help="Output format; json is JSON Lines.")
-images_argument = click.argument("images", nargs=-1, required=True,
-                                 type=click.Path(exists=True, dir_okay=False))
+images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+
+
+def _image_files(images, formats) -> list[str]:
+    """The images given, folders replaced by the image files in them (as
+    'index' finds them; what it passes over is reported)."""
+    from .errors import NoImagesError
+    from .images import DEFAULT_FORMATS, discover, suffixes_for
+
+    formats = formats or DEFAULT_FORMATS
+    files: list[str] = []
+    for image in images:
+        if not os.path.isdir(image):
+            files.append(image)
+            continue
+        found, skipped = discover([image], suffixes_for(formats), formats)
+        for skip in skipped:
+            _warn(f"skipped {skip.path}: {skip.reason}")
+        files.extend(str(file.path) for file in found)
+    if not files:
+        raise NoImagesError("no image files found in " + ", ".join(images))
+    return files
 
 
 def _memory(ctx, param, value):
@@ -675,16 +695,24 @@ def verify(ctx, index_dir, repair):
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
 @max_megapixels_option(100.0, "Refuse larger query images")
-@format_option
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+              help="Leave out neighbours less similar than this (cosine, -1 to 1).")
+@click.option("--label", "only_label", default=None, metavar="LABEL",
+              help="Only neighbours with this label.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "paths"]), default="table",
+              show_default=True, help="Output format; json is JSON Lines; paths prints the neighbours' paths "
+                                      "alone, one a line, for other tools.")
 @click.pass_context
 def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats,
-          max_megapixels, fmt):
-    """Find the indexed images most similar to each of IMAGES.
+          max_megapixels, min_score, only_label, fmt):
+    """Find the indexed images most similar to each of IMAGES (files, or
+    folders of them).
 
     \b
     Examples:
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
+      imgsearch query new-photos/ --index my-index --min-score 0.8 --label beach --format paths
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
@@ -694,7 +722,15 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
-        results = idx.query(list(images), k=k, include_self=include_self, progress=_progress_bar("embedding"))
+        if only_label is not None and only_label not in idx.store.labels():
+            _warn(f"no indexed image has the label {only_label!r}")
+        results = idx.query(_image_files(images, image_formats), k=k, include_self=include_self,
+                            min_score=min_score, label=only_label, progress=_progress_bar("embedding"))
+    if fmt == "paths":
+        for result in results:
+            for hit in result.hits:
+                click.echo(hit.entry.path)
+        return
     if fmt == "json":
         for result in results:
             click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
@@ -736,7 +772,8 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
              precision, image_formats, max_megapixels, fmt):
-    """Label each of IMAGES by a vote of its k nearest labelled neighbours.
+    """Label each of IMAGES (files, or folders of them) by a vote of its k
+    nearest labelled neighbours.
 
     \b
     Examples:
@@ -747,7 +784,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
         idx.max_megapixels = max_megapixels
-        results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
+        results = idx.classify(_image_files(images, image_formats), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method, progress=_progress_bar("classifying"))
     if fmt == "json":
         for r in results:

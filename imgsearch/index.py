@@ -674,20 +674,41 @@ class Index:
                 progress(start + len(pixels), len(paths))
         return np.concatenate(vectors), hashes
 
-    def query(self, paths, *, k: int = 10, include_self: bool = False,
-              progress: Progress | None = None) -> list[QueryResult]:
+    def query(self, paths, *, k: int = 10, include_self: bool = False, min_score: float | None = None,
+              label: str | None = None, progress: Progress | None = None) -> list[QueryResult]:
         """The ``k`` most similar indexed images of each image file
-        (``progress(done, total)`` follows their embedding)."""
+        (``progress(done, total)`` follows their embedding).  ``min_score``
+        drops neighbours less similar than that; ``label`` keeps only
+        neighbours with that label (so fewer than ``k`` may come back)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
+        paths = list(paths)
         vectors, hashes = self.embed_files(paths, progress=progress)
-        # One extra neighbour so that dropping the query itself still leaves k.
-        found = self.store.search(vectors, k if include_self else k + 1)
-        results = []
-        for path, sha, hits in zip(paths, hashes, found):
-            if not include_self:
-                hits = [hit for hit in hits if hit.entry.sha256 != sha]
-            results.append(QueryResult(str(path), hits[:k]))
+
+        def wanted(hit, sha):
+            return ((include_self or hit.entry.sha256 != sha)
+                    and (min_score is None or hit.score >= min_score)
+                    and (label is None or hit.entry.label == label))
+
+        # One extra neighbour so that dropping the query itself still leaves
+        # k; with a label filter, ever more until k pass or none are left.
+        depth = k if include_self else k + 1
+        if label is not None:
+            depth = max(depth, 4 * k)
+        results: list[QueryResult | None] = [None] * len(hashes)
+        todo = list(range(len(hashes)))
+        while todo:
+            found = self.store.search(vectors[todo], depth)
+            still = []
+            for row, hits in zip(todo, found):
+                kept = [hit for hit in hits if wanted(hit, hashes[row])]
+                # Hits come best first: past min_score, deeper ones are worse.
+                exhausted = (len(hits) < depth or (min_score is not None and hits and hits[-1].score < min_score))
+                if len(kept) >= k or exhausted:
+                    results[row] = QueryResult(str(paths[row]), kept[:k])
+                else:
+                    still.append(row)
+            todo, depth = still, depth * 4
         return results
 
     def embed_images(self, files: list[imgs.ImageFile], *, batch_size: int | None = None,

@@ -296,3 +296,28 @@ def test_the_confusion_picture_scales_the_errors_on_their_own(tmp_path):
     reds = {tuple(p) for p in pixels.reshape(-1, 3) if p[0] == 255 and p[1] == p[2] and p[1] < 250}
     blues = {tuple(p) for p in pixels.reshape(-1, 3) if p[2] == 255 and p[0] == p[1] and p[0] < 250}
     assert (255, 55, 55) in reds and (55, 55, 255) in blues
+
+
+def test_query_takes_folders_filters_by_score_and_label_and_prints_paths(index_dir):
+    queries = SAMPLE_DATA / "queries"
+
+    def ranked(*args):
+        out = run("query", *args, "--index", index_dir, "--format", "json").stdout
+        return {json.loads(line)["query"]: json.loads(line)["results"] for line in out.splitlines()}
+
+    everything = ranked(queries, "-k", "50")  # a folder: each photo in it, the whole index ranked
+    assert sorted(Path(q).name for q in everything) == sorted(p.name for p in queries.glob("*.jpg"))
+    by_label = ranked(queries, "-k", "3", "--label", "tench")
+    scores = sorted({hit["score"] for hits in everything.values() for hit in hits})
+    floor = round((scores[100] + scores[101]) / 2, 7)  # between two scores: rounding cannot matter
+    by_score = ranked(queries, "-k", "50", "--min-score", str(floor))
+    for query, hits in everything.items():
+        # the same as filtering the full ranking, best first
+        assert [h["path"] for h in by_label[query]] == [h["path"] for h in hits if h["label"] == "tench"][:3]
+        assert [h["rank"] for h in by_label[query]] == [1, 2, 3]
+        expected = [h for h in hits if h["score"] >= floor]
+        assert [h["path"] for h in by_score[query]] == [h["path"] for h in expected]
+    paths = run("query", queries / "church.jpg", "--index", index_dir, "-k", "4", "--format", "paths").stdout
+    assert paths.splitlines() == [h["path"] for h in everything[str(queries / "church.jpg")][:4]]
+    warned = run("query", queries / "church.jpg", "--index", index_dir, "--label", "unicorn")
+    assert "no indexed image has the label 'unicorn'" in warned.stderr
