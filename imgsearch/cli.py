@@ -1074,5 +1074,38 @@ def info(ctx, index_dir, fmt):
     click.echo(f"{'classifier:':<21}{state}")
 
 
+@main.command()
+@click.argument("target", metavar="OUTPUT")
+@index_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "parquet"]), default="jsonl",
+              show_default=True, help="jsonl: a JSON object per image (OUTPUT '-' is stdout); npy: a folder "
+                                      "with vectors.npy and metadata.jsonl; parquet: one table (pip install "
+                                      "'imgsearch[export]').")
+@click.option("--no-vectors", is_flag=True, help="Leave the vectors out: a listing of what the index holds "
+                                                 "(jsonl only).")
+@click.pass_context
+def export(ctx, target, index_dir, fmt, no_vectors):
+    """Write an index's images, metadata and vectors out for other tools.
+
+    One record per indexed image: id, path, label, sha256, width, height,
+    the other paths of identical files (also_at) and the unit vector.
+
+    \b
+    Examples:
+      imgsearch export - --index my-index --no-vectors | head
+      imgsearch export vectors/ --index my-index --format npy
+      imgsearch export my-index.parquet --index my-index --format parquet
+    """
+    from .export import check_target, export as write_export
+
+    if no_vectors and fmt != "jsonl":
+        raise click.UsageError("--no-vectors lists the index as jsonl; leave out --format or choose jsonl")
+    check_target(target, fmt)  # before the index is read
+    with _open(ctx, index_dir) as idx:
+        written = write_export(idx, target, fmt, vectors=not no_vectors, progress=_progress_bar("exporting"))
+    if target != "-":
+        click.echo(f"exported {_count(written, 'image')} from {index_dir} to {target} ({fmt})", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

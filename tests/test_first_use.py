@@ -321,3 +321,44 @@ def test_query_takes_folders_filters_by_score_and_label_and_prints_paths(index_d
     assert paths.splitlines() == [h["path"] for h in everything[str(queries / "church.jpg")][:4]]
     warned = run("query", queries / "church.jpg", "--index", index_dir, "--label", "unicorn")
     assert "no indexed image has the label 'unicorn'" in warned.stderr
+
+
+def test_export_writes_every_image_once_with_its_vector_in_three_forms(labelled_copy, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from imgsearch.store import Store
+
+    shutil.copy(SAMPLE_DATA / "queries" / "church.jpg", labelled_copy / "church" / "zz-copy.jpg")
+    shutil.copy(SAMPLE_DATA / "queries" / "church.jpg", labelled_copy / "church" / "zz-copy2.jpg")
+    target = tmp_path / "ix"
+    run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
+    with Store.open(target) as store:
+        entries = store.entries()
+        stored = store.vectors([e.id for e in entries])
+        copy_of = store.alias_at(str(labelled_copy / "church" / "zz-copy2.jpg")).image_id
+
+    run("export", tmp_path / "all.jsonl", "--index", target)
+    lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in lines] == [e.id for e in entries]
+    assert [row["path"] for row in lines] == [e.path for e in entries]
+    np.testing.assert_allclose([row["vector"] for row in lines], stored, rtol=1e-6)
+    assert {row["id"]: row["also_at"] for row in lines if row["also_at"]} == {
+        copy_of: [str(labelled_copy / "church" / "zz-copy2.jpg")]}
+
+    run("export", tmp_path / "npy", "--index", target, "--format", "npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "npy" / "vectors.npy"), stored)
+    rows = [json.loads(line) for line in (tmp_path / "npy" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["id"], r["label"]) for r in rows] == [(n, e.id, e.label) for n, e in enumerate(entries)]
+
+    run("export", tmp_path / "ix.parquet", "--index", target, "--format", "parquet")
+    table = pq.read_table(tmp_path / "ix.parquet")
+    assert table.column("path").to_pylist() == [e.path for e in entries]
+    np.testing.assert_array_equal(np.array(table.column("vector").to_pylist(), dtype=np.float32), stored)
+
+    listing = run("export", "-", "--index", target, "--no-vectors").stdout.splitlines()
+    assert len(listing) == len(entries) and "vector" not in json.loads(listing[0])
+    refused = run("export", tmp_path / "all.jsonl", "--index", target, code=2)
+    assert "exists; choose a new file" in refused.stderr
+    refused = run("export", tmp_path / "npy", "--index", target, "--format", "npy", code=2)
+    assert "is not empty; choose a new one" in refused.stderr
