@@ -56,6 +56,7 @@ def test_every_option_in_the_synopsis_exists():
     assert set(commands) == {"index", "optimize", "remove", "verify", "query", "classify", "evaluate",
                              "train-classifier",
                              "serve-vectorizer",
+                             "export",
                              "info", "encoders"}
     for name, command in commands.items():
         assert f"imgsearch {name}" in synopsis
