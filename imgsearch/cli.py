@@ -268,10 +268,27 @@ def _csv_writer():
     return csv.writer(sys.stdout, lineterminator="\n")
 
 
+def _index_folder(ctx, param, value):
+    """--index, else IMGSEARCH_INDEX, else a .imgsearch index found from
+    here upwards, else the per-user default; how is kept for 'info'."""
+    from click.core import ParameterSource
+
+    if value is not None:
+        source = ctx.get_parameter_source(param.name)
+        ctx.meta["index_source"] = "IMGSEARCH_INDEX" if source == ParameterSource.ENVIRONMENT else "--index"
+        return value
+    from .paths import default_index
+
+    folder, how = default_index()
+    ctx.meta["index_source"] = how
+    return str(folder)
+
+
 index_option = click.option(
-    "--index", "index_dir", envvar="IMGSEARCH_INDEX", required=True, metavar="DIR",
-    type=click.Path(file_okay=False), help="Index folder (env IMGSEARCH_INDEX).",
-)
+    "--index", "index_dir", envvar="IMGSEARCH_INDEX", default=None, callback=_index_folder, metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Index folder (env IMGSEARCH_INDEX; default: a .imgsearch index in this folder or one above it, "
+         "else the per-user index, as 'info' shows).")
 weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
     help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
@@ -523,6 +540,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
                      target_recall=target_recall, max_memory=max_memory, backend=backend,
                      backend_options=options) as idx:
         _warn_if_random(idx)
+        if ctx.meta.get("index_source") not in ("--index", "IMGSEARCH_INDEX"):
+            click.echo(f"index: {index_dir} ({ctx.meta['index_source']}; --index names another)", err=True)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
                          max_megapixels=max_megapixels, formats=image_formats, progress=_progress_bar("indexing"),
@@ -1048,10 +1067,12 @@ def info(ctx, index_dir, fmt):
     except DamagedIndexError:
         _show_recorded_manifest(index_dir, fmt)
         raise
+    facts["index_source"] = ctx.meta.get("index_source", "--index")
     if fmt == "json":
         click.echo(json.dumps(facts))
         return
-    shown = dict(facts, memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
+    shown = dict(facts, path=f"{facts['path']} ({ctx.meta.get('index_source', '--index')})",
+                 memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
                  search_params=", ".join(f"{k} {v}" for k, v in (facts["search_params"] or {}).items()) or None)
     for key in ("path", "backend", "backend_uri", "backend_collection", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
                 "calibration", "format_version", "index_type", "search_params", "recall_at_10", "target_recall",

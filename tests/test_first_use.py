@@ -362,3 +362,29 @@ def test_export_writes_every_image_once_with_its_vector_in_three_forms(labelled_
     assert "exists; choose a new file" in refused.stderr
     refused = run("export", tmp_path / "npy", "--index", target, "--format", "npy", code=2)
     assert "is not empty; choose a new one" in refused.stderr
+
+
+def test_without_index_a_project_index_above_or_the_per_user_one_is_used(tmp_path, monkeypatch):
+    import os
+
+    project = tmp_path / "project"
+    (project / "photos" / "new").mkdir(parents=True)
+    monkeypatch.chdir(project / "photos" / "new")
+    user_index = Path(os.environ["IMGSEARCH_DATA_DIR"]) / "index"  # set aside for tests by conftest
+
+    made = run("index", SAMPLE_DATA / "queries", "--encoder", "tiny-color")
+    assert f"index: {user_index} (the per-user default; --index names another)" in made.stderr
+    facts = json.loads(run("info", "--format", "json").stdout)
+    assert (facts["path"], facts["count"], facts["index_source"]) == (str(user_index), 5, "the per-user default")
+
+    run("index", SAMPLE_DATA / "labelled" / "tench", "--index", project / ".imgsearch", "--encoder", "tiny-color")
+    facts = json.loads(run("info", "--format", "json").stdout)  # found above, as git finds its repository
+    assert (facts["path"], facts["count"]) == (str(project / ".imgsearch"), 10)
+    assert facts["index_source"] == f"found in {project}"
+    assert f"path:                {project / '.imgsearch'} (found in {project})" in run("info").stdout
+    assert run("query", SAMPLE_DATA / "queries" / "tench.jpg", "-k", "1", "--format", "paths").stdout.startswith(
+        str(SAMPLE_DATA / "labelled" / "tench"))
+
+    monkeypatch.setenv("IMGSEARCH_INDEX", str(user_index))  # the environment names one: it wins
+    facts = json.loads(run("info", "--format", "json").stdout)
+    assert (facts["path"], facts["index_source"]) == (str(user_index), "IMGSEARCH_INDEX")
