@@ -6,10 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml
+# The editable install is made importable from any folder by a path file
+# (see scripts/source_path.py); setuptools' notice about exactly that
+# problem is then noise, and silenced.
+$(STAMP): pyproject.toml scripts/source_path.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python scripts/source_path.py
 	touch $@
 
 install: $(STAMP)

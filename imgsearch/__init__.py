@@ -4,7 +4,14 @@ The public API is imported lazily so that ``import imgsearch`` (and the CLI's
 ``--help``) stays fast; nothing here imports a deep-learning framework.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# The library never prints: its notices go to logging, and without a handler
+# of the application's own they go nowhere (Python would otherwise print
+# warnings through its last-resort handler).  The CLI installs one.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _EXPORTS = {
     "Index": "imgsearch.index",

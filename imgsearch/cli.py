@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -66,6 +67,11 @@ image_formats_option = click.option(
          "JPEG,PNG,WEBP,BMP,GIF,TIFF); files in other formats are refused. Example: JPEG,PNG,PPM.")
 
 
+def max_megapixels_option(default: float, help_text: str):
+    return click.option("--max-megapixels", type=POSITIVE, default=default, show_default=True,
+                        help=help_text + " (decompression-bomb guard).")
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -76,10 +82,17 @@ class _Group(click.Group):
     """Turns every failure into one line on stderr and an exit code."""
 
     def invoke(self, ctx):
-        from .errors import ImgsearchError
+        from .errors import DamagedIndexError, ImgsearchError
 
         try:
             return super().invoke(ctx)
+        except DamagedIndexError as exc:
+            # The next step.  'info' shows how the index was built whatever
+            # the damage, which rebuilding it needs.
+            shown = "" if ctx.invoked_subcommand == "info" else "'imgsearch info' still shows how it was built; "
+            hint = (f"; {shown}a damaged file cannot be mended in place: restore the folder from a backup, "
+                    "or index the images again into a new one")
+            raise _Failure(f"{exc}{hint}", exc.exit_code) from None
         except ImgsearchError as exc:
             raise _Failure(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
@@ -95,8 +108,21 @@ class _Group(click.Group):
                 raise
             raise _Failure(f"unexpected {type(exc).__name__}: {exc}", 1) from None
 
+    def format_commands(self, ctx, formatter):
+        # Each command's first sentence whole, wrapped, rather than click's
+        # cut at the terminal's width ("Fit a linear classifier on the...").
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
+        args = _plugins_dir_first(sys.argv[1:] if args is None else list(args))
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as exc:
@@ -104,6 +130,7 @@ class _Group(click.Group):
             click.echo(f"Error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
+            _end_open_bars()
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -116,6 +143,39 @@ class _Group(click.Group):
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+class _NoticeHandler(logging.Handler):
+    """The library's logged notices (an export under way, a fallback taken)
+    on stderr, where the CLI puts everything that is not a result.  Looks
+    sys.stderr up on each message, so a replaced stream (tests) is followed."""
+
+    def emit(self, record):
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _show_library_notices() -> None:
+    logger = logging.getLogger("imgsearch")
+    if not any(isinstance(h, _NoticeHandler) for h in logger.handlers):
+        handler = _NoticeHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+def _plugins_dir_first(args: list[str]) -> list[str]:
+    """``--plugins-dir DIR`` moved before the command, where click takes a
+    group's options: users put it after the command as often as before."""
+    for number, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg.startswith("--plugins-dir=") and number:
+            return [arg, *args[:number], *args[number + 1:]]
+        if arg == "--plugins-dir" and number and number + 1 < len(args):
+            return [arg, args[number + 1], *args[:number], *args[number + 2:]]
+    return args
 
 
 def _terminate_as_interrupt() -> None:
@@ -141,19 +201,42 @@ def _open_errors_csv(path: str, index_dir: str):
         raise click.UsageError(f"cannot write --errors file {path}: {exc.strerror or exc}") from None
 
 
+# Bars drawn and not finished: a failure (Ctrl-C) ends their line before
+# its message, which would otherwise follow the bar on the same line.
+_OPEN_BARS: list = []
+
+
+def _end_open_bars() -> None:
+    while _OPEN_BARS:
+        _OPEN_BARS.pop()
+        click.echo(err=True)
+
+
 def _progress_bar(label: str):
     """A progress(done, total) callback drawing a bar on stderr."""
     state = {}
 
     def progress(done, total):
         if "bar" not in state:
+            # Nothing to follow when done in one step, and nothing to draw
+            # on a pipe or a log file (click would write the label alone).
+            if done >= total or not sys.stderr.isatty():
+                return
             state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            _OPEN_BARS.append(state["bar"])  # first: Ctrl-C may come while it is drawn
             state["bar"].__enter__()
         state["bar"].update(done - state["bar"].pos)
         if done >= total:
-            state.pop("bar").__exit__(None, None, None)
+            bar = state.pop("bar")
+            _OPEN_BARS.remove(bar)
+            bar.__exit__(None, None, None)
 
     return progress
+
+
+def _count(number: int, thing: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def _warn(message: str) -> None:
@@ -180,10 +263,27 @@ def _csv_writer():
     return csv.writer(sys.stdout, lineterminator="\n")
 
 
+def _index_folder(ctx, param, value):
+    """--index, else IMGSEARCH_INDEX, else a .imgsearch index found from
+    here upwards, else the per-user default; how is kept for 'info'."""
+    from click.core import ParameterSource
+
+    if value is not None:
+        source = ctx.get_parameter_source(param.name)
+        ctx.meta["index_source"] = "IMGSEARCH_INDEX" if source == ParameterSource.ENVIRONMENT else "--index"
+        return value
+    from .paths import default_index
+
+    folder, how = default_index()
+    ctx.meta["index_source"] = how
+    return str(folder)
+
+
 index_option = click.option(
-    "--index", "index_dir", envvar="IMGSEARCH_INDEX", required=True, metavar="DIR",
-    type=click.Path(file_okay=False), help="Index folder (env IMGSEARCH_INDEX).",
-)
+    "--index", "index_dir", envvar="IMGSEARCH_INDEX", default=None, callback=_index_folder, metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Index folder (env IMGSEARCH_INDEX; default: a .imgsearch index in this folder or one above it, "
+         "else the per-user index, as 'info' shows).")
 weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
     help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
@@ -204,8 +304,28 @@ check_encoder_option = click.option(
 )
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
                              help="Output format; json is JSON Lines.")
-images_argument = click.argument("images", nargs=-1, required=True,
-                                 type=click.Path(exists=True, dir_okay=False))
+images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+
+
+def _image_files(images, formats) -> list[str]:
+    """The images given, folders replaced by the image files in them (as
+    'index' finds them; what it passes over is reported)."""
+    from .errors import NoImagesError
+    from .images import DEFAULT_FORMATS, discover, suffixes_for
+
+    formats = formats or DEFAULT_FORMATS
+    files: list[str] = []
+    for image in images:
+        if not os.path.isdir(image):
+            files.append(image)
+            continue
+        found, skipped = discover([image], suffixes_for(formats), formats)
+        for skip in skipped:
+            _warn(f"skipped {skip.path}: {skip.reason}")
+        files.extend(str(file.path) for file in found)
+    if not files:
+        raise NoImagesError("no image files found in " + ", ".join(images))
+    return files
 
 
 def _memory(ctx, param, value):
@@ -271,16 +391,22 @@ def main(ctx, plugins_dir):
       imgsearch index photos/ --index my-index
       imgsearch query query.jpg --index my-index -k 5
       imgsearch classify new.jpg --index my-index
+
+    The default encoder, resnet50, downloads its weights on first use;
+    offline, index with --encoder efficientnet-lite0 ('imgsearch encoders'
+    shows which encoders can run here).
     """
     ctx.ensure_object(dict)
     ctx.obj["plugins_dir"] = plugins_dir
+    _show_library_notices()
     # TensorFlow's C++ start-up chatter (CPU features, oneDNN notices) would
     # bury the one line a user needs; a user's own setting still wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format; json is JSON Lines, one object per encoder.")
 @click.pass_context
 def encoders(ctx, fmt):
     """List the registered encoders and whether their weights are here.
@@ -290,9 +416,11 @@ def encoders(ctx, fmt):
       imgsearch encoders --format json
     """
     from .encoders import load_registry
+    from .index import DEFAULT_ENCODER
     from .runtime import exportable
 
     registry = load_registry(ctx.obj["plugins_dir"])
+    default = os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER
     rows = []
     for name in registry.names():
         encoder = registry.create(name)
@@ -303,20 +431,28 @@ def encoders(ctx, fmt):
             "name": name, "dim": encoder.dim, "description": encoder.description,
             "weights": encoder.weights, "weights_available": status.available,
             "weights_detail": status.detail, "source": registry.source(name),
-            "precisions": precisions,
+            "precisions": precisions, "default": name == default,
         })
     if fmt == "json":
         for row in rows:
             click.echo(json.dumps(row))
         return
     click.echo(_table(
-        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", ",".join(r["precisions"]),
-          r["description"]] for r in rows],
+        [[r["name"] + (" (default)" if r["default"] else ""), r["dim"], "yes" if r["weights_available"] else "no",
+          ",".join(r["precisions"]), r["description"]] for r in rows],
         ["name", "dim", "weights here", "precisions", "description"],
     ))
     for row in rows:
         if not row["weights_available"]:
             click.echo(f"{row['name']}: {row['weights_detail']}", err=True)
+    ready = [r["name"] for r in rows if r["weights_available"]]
+    chosen = next((r for r in rows if r["default"]), None)
+    if chosen is None:
+        _warn(f"the default encoder {default!r} (IMGSEARCH_ENCODER) is not registered")
+    elif not chosen["weights_available"]:
+        others = f"; where they cannot be fetched, pass --encoder {ready[0]}" if ready else ""
+        click.echo(f"note: new indexes use {default} unless --encoder says otherwise, and its weights are not "
+                   f"here{others}", err=True)
 
 
 @main.command()
@@ -335,8 +471,7 @@ def encoders(ctx, fmt):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per encoder batch.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Commit to disk after this many new images.")
-@click.option("--max-megapixels", type=POSITIVE, default=100.0,
-              show_default=True, help="Skip images larger than this (decompression-bomb guard).")
+@max_megapixels_option(100.0, "Skip images larger than this")
 @image_formats_option
 @click.option("--prune", is_flag=True, help="Also forget indexed files that no longer exist.")
 @index_type_options
@@ -382,8 +517,10 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
       imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
       imgsearch index photos/ --index my-index --backend milvus --milvus-uri http://localhost:19530
     """
+    from .images import check_some_exist
     from .index import Index, read_labels_csv
 
+    check_some_exist(paths)
     if ray_gpus and not ray_address:
         raise click.UsageError("--ray-gpus needs --ray")
     if (backend_uri or backend_collection) and not backend:
@@ -398,6 +535,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
                      target_recall=target_recall, max_memory=max_memory, backend=backend,
                      backend_options=options) as idx:
         _warn_if_random(idx)
+        if ctx.meta.get("index_source") not in ("--index", "IMGSEARCH_INDEX"):
+            click.echo(f"index: {index_dir} ({ctx.meta['index_source']}; --index names another)", err=True)
         click.echo(f"encoder: {idx.encoder.name} ({idx.encoder.dim}-d, {idx.encoder.runtime_name})", err=True)
         report = idx.add(paths, labels=labels, batch_size=batch_size, commit_every=commit_every,
                          max_megapixels=max_megapixels, formats=image_formats, progress=_progress_bar("indexing"),
@@ -410,7 +549,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
             f"{index_dir} holds {idx.store.count} images"
         )
         if pruned is not None:
-            click.echo(f"pruned {pruned.removed} images and {pruned.paths_only} duplicate paths whose files are gone")
+            click.echo(f"pruned {_count(pruned.removed, 'image')} and {_count(pruned.paths_only, 'duplicate path')} "
+                       "whose files are gone")
         kind, reason = idx.optimize_due() or (None, None)
         if (index_type or target_recall or max_memory) and not idx.store.created_here:
             kind, reason = "optimize", "new search settings"
@@ -424,10 +564,11 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
             count = len(report.unmatched_labels)
             _warn(f"{count} {'row' if count == 1 else 'rows'} of {labels_csv} name no image found here "
                   f"(first: {report.unmatched_labels[0]})")
+        # Notices, not results: stderr, as every warning.
         for path, original in report.duplicates:
-            click.echo(f"duplicate: {path} (same content as {original})")
+            click.echo(f"duplicate: {path} (same content as {original})", err=True)
         for skip in report.skipped:
-            click.echo(f"skipped: {skip.path}: {skip.reason}")
+            click.echo(f"skipped: {skip.path}: {skip.reason}", err=True)
         if errors_out:
             with errors_out:
                 out = csv.writer(errors_out)
@@ -571,24 +712,43 @@ def verify(ctx, index_dir, repair):
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
-@format_option
+@max_megapixels_option(100.0, "Refuse larger query images")
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None,
+              help="Leave out neighbours less similar than this (cosine, -1 to 1).")
+@click.option("--label", "only_label", default=None, metavar="LABEL",
+              help="Only neighbours with this label.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "paths"]), default="table",
+              show_default=True, help="Output format; json is JSON Lines; paths prints the neighbours' paths "
+                                      "alone, one a line, for other tools.")
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt):
-    """Find the indexed images most similar to each of IMAGES.
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats,
+          max_megapixels, min_score, only_label, fmt):
+    """Find the indexed images most similar to each of IMAGES (files, or
+    folders of them).
 
     \b
     Examples:
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
+      imgsearch query new-photos/ --index my-index --min-score 0.8 --label beach --format paths
     """
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
+        idx.max_megapixels = max_megapixels
         if idx.store.count == 0:
             raise _Failure(f"index {index_dir} is empty; add images with 'imgsearch index'", 1)
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
-        results = idx.query(list(images), k=k, include_self=include_self)
+        if only_label is not None and only_label not in idx.store.labels():
+            _warn(f"no indexed image has the label {only_label!r}")
+        results = idx.query(_image_files(images, image_formats), k=k, include_self=include_self,
+                            min_score=min_score, label=only_label, progress=_progress_bar("embedding"))
+    if fmt == "paths":
+        for result in results:
+            for hit in result.hits:
+                click.echo(hit.entry.path)
+        return
     if fmt == "json":
         for result in results:
             click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
@@ -625,11 +785,13 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @runtime_option
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
+@max_megapixels_option(100.0, "Refuse larger images")
 @format_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, image_formats, fmt):
-    """Label each of IMAGES by a vote of its k nearest labelled neighbours.
+             precision, image_formats, max_megapixels, fmt):
+    """Label each of IMAGES (files, or folders of them) by a vote of its k
+    nearest labelled neighbours.
 
     \b
     Examples:
@@ -639,8 +801,9 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
-        results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
-                               include_self=include_self, method=method)
+        idx.max_megapixels = max_megapixels
+        results = idx.classify(_image_files(images, image_formats), k=k, vote=vote, temperature=temperature,
+                               include_self=include_self, method=method, progress=_progress_bar("classifying"))
     if fmt == "json":
         for r in results:
             click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
@@ -663,7 +826,8 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
 
 def _k_list(ctx, param, value):
     try:
-        ks = sorted({int(part) for part in str(value).split(",") if part.strip()})
+        # int() refuses an empty part, so "1,,5" is an error, not a typo let through.
+        ks = sorted({int(part) for part in str(value).split(",")})
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
     if not ks or ks[0] < 1:
@@ -683,8 +847,9 @@ def _k_list(ctx, param, value):
 @click.option("-k", "ks", default="1,5,10,20", show_default=True, callback=_k_list,
               help="Neighbour counts to evaluate, comma-separated.")
 @click.option("--vote", "votes", type=click.Choice(["weighted", "majority", "both"]), default="weighted",
-              show_default=True)
-@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True)
+              show_default=True, help="How the k neighbours vote (see 'classify'); both evaluates each.")
+@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True,
+              help="T of the weighted vote: each neighbour counts exp(similarity / T).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cross-validation folds.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: JSON Lines, one object per evaluated setting.")
@@ -692,9 +857,10 @@ def _k_list(ctx, param, value):
               help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
 @runtime_option
 @precision_option(READ_PRECISION_HELP + " Used for --test images.")
+@max_megapixels_option(100.0, "Skip larger --test images")
 @click.pass_context
 def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks, votes, temperature, seed,
-             fmt, report_dir, runtime, precision):
+             fmt, report_dir, runtime, precision, max_megapixels):
     """Measure how accurate classification and retrieval are on labelled images.
 
     Choose one: --test (held-out labelled folders), --cv K, or --leave-one-out.
@@ -720,9 +886,17 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     if (precision or runtime != "auto") and not test_paths:
         raise click.UsageError("--precision and --runtime embed the --test images; --cv and "
                                "--leave-one-out use the vectors already in the index")
+    if report_dir:
+        from .outputs import check_output_folder
+
+        check_output_folder(report_dir, "--report")
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
+        idx.max_megapixels = max_megapixels
+        labelled = sum(idx.store.labels().values())
+        if ks[-1] > labelled:
+            _warn(f"k={ks[-1]} but the index holds {labelled} labelled images")
         result = run_evaluation(
             idx, mode=mode, test_paths=list(test_paths), folds=cv_folds or 5, ks=ks,
             labels=read_labels_csv(labels_csv) if labels_csv else None,
@@ -739,7 +913,10 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     else:
         click.echo(format_table(result))
     if report_dir:
-        written = write_report(result, report_dir)
+        try:
+            written = write_report(result, report_dir)
+        except OSError as exc:  # a full disk, or the folder changed since it was checked
+            raise _Failure(f"cannot write the report in {report_dir}: {exc.strerror or exc}", 1) from None
         click.echo(f"report: {len(written)} files in {report_dir}", err=True)
 
 
@@ -749,7 +926,8 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
               help="Logistic regression or a linear SVM.")
 @click.option("--C", "c_value", default="auto", show_default=True,
               help="Regularisation; 'auto' chooses from 0.01..1000 by cross-validation.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the cross-validation folds that choose C (and of the SVM's solver).")
 @click.pass_context
 def train_classifier(ctx, index_dir, method, c_value, seed):
     """Fit a linear classifier on the labelled index's features.
@@ -765,10 +943,14 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
     from .index import Index
 
     if c_value != "auto":
-        c_value = POSITIVE.convert(c_value, None, ctx)
+        try:
+            c_value = POSITIVE.convert(c_value, None, ctx)
+        except click.BadParameter as exc:
+            exc.param_hint = "'--C'"  # converted here, so click does not know the option
+            raise
     with Index.open(index_dir, plugins_dir=ctx.obj["plugins_dir"], writable=True) as idx:
         _warn_if_random(idx)
-        model = idx.train_classifier(method=method, C=c_value, seed=seed)
+        model = idx.train_classifier(method=method, C=c_value, seed=seed, progress=_progress_bar("choosing C"))
     chosen = f", cross-validated accuracy {model.cv_accuracy:.4f}" if model.cv_accuracy is not None else ""
     click.echo(f"trained {model.method} on {len(model.classes)} labels with C={model.C:g}{chosen}; "
                f"saved in {index_dir}")
@@ -784,13 +966,13 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               metavar="PATH", help="Images (files or folders; repeatable) that calibrate --precision int8.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 makes the service reachable from other machines.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="TCP port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes, each with its own copy of the model.")
 @click.option("--max-body-mb", type=POSITIVE, default=20.0, show_default=True,
               help="Largest request body accepted, in MiB.")
-@click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,
-              help="Refuse larger images (decompression-bomb guard).")
+@max_megapixels_option(40.0, "Refuse larger images")
 @image_formats_option
 @click.option("--max-decode-mb", type=POSITIVE, default=512.0, show_default=True,
               help="Memory for decoding images, all requests together (estimated from each image's header); "
@@ -835,12 +1017,32 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
         model.use_runtime(Calibration.from_paths(calibration_paths, model.preprocessing).options(runtime))
     else:
         model.use_runtime(RuntimeOptions(runtime, precision or "fp32"))
-    click.echo(f"serving {model.name} ({model.dim}-d) on http://{host}:{port} "
-               f"(IMAGE_INFERENCE_API=http://{host}:{port})", err=True)
     run(model, host, port, workers, max_body_bytes=int(max_body_mb * 1024 * 1024), max_megapixels=max_megapixels,
         formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
         max_connections=max_connections, read_timeout_s=read_timeout,
         batch_window_s=batch_window_ms / 1000.0, max_batch=max_batch, plugins_dir=ctx.obj["plugins_dir"])
+
+
+def _show_recorded_manifest(index_dir, fmt) -> None:
+    """What manifest.json records, for an index too damaged to open: how it
+    was built is worth knowing before rebuilding it."""
+    try:
+        with open(os.path.join(index_dir, "manifest.json"), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        encoder = manifest["encoder"]
+        facts = {"path": str(index_dir), "damaged": True, "count": manifest.get("count"),
+                 "encoder": encoder.get("name"), "dim": manifest.get("dim"), "weights": encoder.get("weights"),
+                 "precision": encoder.get("precision", "fp32"), "created": manifest.get("created"),
+                 "updated": manifest.get("updated")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # the manifest is damaged too: the error says so
+    if fmt == "json":
+        click.echo(json.dumps(facts))
+        return
+    click.echo("as recorded in manifest.json (the index could not be opened):")
+    for key, value in facts.items():
+        if value is not None and key != "damaged":
+            click.echo(f"{key + ':':<21}{value}")
 
 
 @main.command()
@@ -888,7 +1090,8 @@ def serve(ctx, index_dir, host, port, max_upload_mb, max_megapixels, image_forma
 
 @main.command()
 @index_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format; json is one object.")
 @click.pass_context
 def info(ctx, index_dir, fmt):
     """Show how an index was built, its size and its labels.
@@ -897,13 +1100,21 @@ def info(ctx, index_dir, fmt):
     Example:
       imgsearch info --index my-index --format json
     """
-    with _open(ctx, index_dir) as idx:
-        _warn_if_random(idx)
-        facts = idx.info()
+    from .errors import DamagedIndexError
+
+    try:
+        with _open(ctx, index_dir) as idx:
+            _warn_if_random(idx)
+            facts = idx.info()
+    except DamagedIndexError:
+        _show_recorded_manifest(index_dir, fmt)
+        raise
+    facts["index_source"] = ctx.meta.get("index_source", "--index")
     if fmt == "json":
         click.echo(json.dumps(facts))
         return
-    shown = dict(facts, memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
+    shown = dict(facts, path=f"{facts['path']} ({ctx.meta.get('index_source', '--index')})",
+                 memory_bytes=_size(facts["memory_bytes"]), disk_bytes=_size(facts["disk_bytes"]),
                  search_params=", ".join(f"{k} {v}" for k, v in (facts["search_params"] or {}).items()) or None)
     for key in ("path", "backend", "backend_uri", "backend_collection", "count", "encoder", "dim", "metric", "weights", "weights_fingerprint", "precision",
                 "calibration", "format_version", "index_type", "search_params", "recall_at_10", "target_recall",
@@ -914,6 +1125,49 @@ def info(ctx, index_dir, fmt):
     click.echo(f"{'labels:':<21}{len(labels)}")
     for label, count in labels.items():
         click.echo(f"  {label:<19}{count}")
+    click.echo(f"{'unlabelled:':<21}{facts['unlabelled']}")
+    classifier = facts["classifier"]
+    if classifier is None:
+        state = "none (imgsearch train-classifier)"
+    elif classifier["damaged"]:
+        state = "damaged; train it again"
+    else:
+        state = (f"{classifier['method']} on {classifier['labels']} labels, "
+                 + ("current" if classifier["current"] else "stale: the index changed since; train it again"))
+    click.echo(f"{'classifier:':<21}{state}")
+
+
+@main.command()
+@click.argument("target", metavar="OUTPUT")
+@index_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "parquet"]), default="jsonl",
+              show_default=True, help="jsonl: a JSON object per image (OUTPUT '-' is stdout); npy: a folder "
+                                      "with vectors.npy and metadata.jsonl; parquet: one table (pip install "
+                                      "'imgsearch[export]').")
+@click.option("--no-vectors", is_flag=True, help="Leave the vectors out: a listing of what the index holds "
+                                                 "(jsonl only).")
+@click.pass_context
+def export(ctx, target, index_dir, fmt, no_vectors):
+    """Write an index's images, metadata and vectors out for other tools.
+
+    One record per indexed image: id, path, label, sha256, width, height,
+    the other paths of identical files (also_at) and the unit vector.
+
+    \b
+    Examples:
+      imgsearch export - --index my-index --no-vectors | head
+      imgsearch export vectors/ --index my-index --format npy
+      imgsearch export my-index.parquet --index my-index --format parquet
+    """
+    from .export import check_target, export as write_export
+
+    if no_vectors and fmt != "jsonl":
+        raise click.UsageError("--no-vectors lists the index as jsonl; leave out --format or choose jsonl")
+    check_target(target, fmt)  # before the index is read
+    with _open(ctx, index_dir) as idx:
+        written = write_export(idx, target, fmt, vectors=not no_vectors, progress=_progress_bar("exporting"))
+    if target != "-":
+        click.echo(f"exported {_count(written, 'image')} from {index_dir} to {target} ({fmt})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,10 @@ class BadIndexError(ImgsearchError):
     """The index directory is missing, damaged or not an index."""
 
 
+class DamagedIndexError(BadIndexError):
+    """The index's files are damaged or disagree with each other."""
+
+
 class IndexMismatchError(UsageError):
     """The index was built with another encoder or other weights."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,17 @@ from .errors import UsageError, first_line
 # The formats read unless told otherwise (Pillow's names), with the suffixes
 # a folder walk takes for each.  Pillow reads dozens more, some through
 # outside programs (EPS runs Ghostscript): those only when asked for.
-FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",),
-                   "GIF": (".gif",), "TIFF": (".tif", ".tiff")}
+FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"), "PNG": (".png", ".apng"), "WEBP": (".webp",),
+                   "BMP": (".bmp",), "GIF": (".gif",), "TIFF": (".tif", ".tiff")}
 DEFAULT_FORMATS = tuple(FORMAT_SUFFIXES)
 IMAGE_SUFFIXES = frozenset(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+# Pictures Pillow has no reader for, which a folder walk reports rather than
+# passes over in silence.
+_UNREADABLE_SUFFIXES = {".heic": "HEIC/HEIF", ".heif": "HEIC/HEIF", ".hif": "HEIC/HEIF",
+                        ".avif": "AVIF", ".avifs": "AVIF"}
+# Formats Pillow reads that hold data or video rather than pictures: a folder
+# walk ignores files of these (a Keras .h5 beside the photos is no image).
+_NOT_PICTURES = frozenset({"MPEG", "HDF5", "BUFR", "GRIB", "FITS", "IPTC"})
 DEFAULT_MAX_MEGAPIXELS = 100.0
 
 
@@ -59,19 +67,48 @@ def _not_a_file(path: Path) -> str | None:
     return "not a regular file"
 
 
-def discover(paths, suffixes=IMAGE_SUFFIXES) -> tuple[list[ImageFile], list[Skipped]]:
+def _suffix_reason(suffix: str, formats) -> str | None:
+    """Why a file with this suffix, met in a folder walk, is not read: it
+    names a picture format outside ``formats`` (None: not a picture's suffix)."""
+    from PIL import Image
+
+    if suffix in _UNREADABLE_SUFFIXES:
+        return f"unsupported format ({_UNREADABLE_SUFFIXES[suffix]}; convert it to JPEG or PNG)"
+    Image.init()
+    name = Image.registered_extensions().get(suffix)
+    if name is None or name not in Image.OPEN or name in _NOT_PICTURES:
+        return None
+    return f"unsupported format ({name} is not among the formats read: {', '.join(formats)}; see --image-formats)"
+
+
+def _folder_identity(folder: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def discover(paths, suffixes=IMAGE_SUFFIXES, formats=DEFAULT_FORMATS) -> tuple[list[ImageFile], list[Skipped]]:
     """Every image file named in or below ``paths``, in a stable order.
 
     A file given by name is taken whatever its suffix (the decoder decides);
-    inside folders only files with one of ``suffixes`` are taken.  An image that sits in
+    inside folders files with one of ``suffixes`` are taken, and those whose
+    suffix names another picture format (HEIC, or one Pillow reads that is
+    not among ``formats``) are skipped with a reason.  An image that sits in
     a sub-folder of a given folder is labelled with its parent folder's name
-    (``root/<label>/photo.jpg``).  Links to folders are not followed, so a
-    link loop is walked once; broken links and unreadable folders are skipped
+    (``root/<label>/photo.jpg``).  Links to folders are followed, but a
+    folder reached again (a link loop, two links to one folder) is walked
+    only the first time; broken links and unreadable folders are skipped
     with a reason.
     """
     found: list[ImageFile] = []
     skipped: list[Skipped] = []
     seen: set[Path] = set()
+    walked: set[tuple[int, int]] = set()
+    # Files passed over for their suffix, reported at the end unless they
+    # were also named, where the decoder gives the reason from their content.
+    by_suffix: dict[Path, str] = {}
 
     def add(path: Path, label):
         if path in seen:
@@ -102,13 +139,23 @@ def discover(paths, suffixes=IMAGE_SUFFIXES) -> tuple[list[ImageFile], list[Skip
         if root.is_file():
             add(root, None)
         elif root.is_dir():
-            for folder, dirs, files in os.walk(root, onerror=unreadable):
+            for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+                identity = _folder_identity(folder)
+                if identity is not None:
+                    if identity in walked:
+                        dirs.clear()  # reached again through a link: walked already
+                        continue
+                    walked.add(identity)
                 dirs.sort()
                 folder_path = Path(folder)
                 label = folder_path.name if folder_path != root else None
                 for name in sorted(files):
                     path = folder_path / name
-                    if path.suffix.lower() not in suffixes:
+                    suffix = path.suffix.lower()
+                    if suffix not in suffixes:
+                        reason = _suffix_reason(suffix, formats)
+                        if reason is not None and path not in seen:
+                            by_suffix.setdefault(path, reason)
                         continue
                     if path.is_file():
                         add(path, label)
@@ -116,7 +163,19 @@ def discover(paths, suffixes=IMAGE_SUFFIXES) -> tuple[list[ImageFile], list[Skip
                         skip(path, _not_a_file(path))
         else:
             skip(root, _not_a_file(root))
+    for path, reason in by_suffix.items():
+        skip(path, reason)
     return found, skipped
+
+
+def check_some_exist(paths) -> None:
+    """:class:`NoImagesError` when none of ``paths`` exists: checked before
+    an encoder loads, so a mistyped folder costs no model load."""
+    from .errors import NoImagesError
+
+    if paths and not any(os.path.lexists(path) for path in paths):
+        shown = ", ".join(str(path) for path in paths)
+        raise NoImagesError(f"no image files found in {shown} (no such file or folder)")
 
 
 # Rows are converted a strip of about a megapixel at a time, so that no
@@ -331,9 +390,12 @@ def _reasons(max_megapixels: float):
         yield
     except DecodeError:
         raise
-    except Image.DecompressionBombError:  # GIF frames are checked by Pillow itself
-        raise DecodeError(f"image too large (over Pillow's own limit; limit {max_megapixels:g}, "
-                          "see --max-megapixels)", "too large") from None
+    except Image.DecompressionBombError as exc:  # GIF frames and the like are checked by Pillow itself
+        # Pillow's message holds the size it read from the header: say it.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.3g} megapixels; " if found else ""
+        raise DecodeError(f"image too large ({size}Pillow reads this format only up to "
+                          f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g} megapixels)", "too large") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise DecodeError(f"corrupt or truncated image data ({first_line(exc)})") from None
     except MemoryError:

@@ -178,6 +178,19 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
             )
     encoder.use_runtime(RuntimeOptions(runtime, precision, calibration_id=(
         recorded.get("calibration") if precision == "int8" else None), fp32_fallback=fp32_fallback))
+
+    def check_weights():
+        if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
+            raise IndexMismatchError(
+                f"index {store.directory} was built with other {built_with} weights "
+                f"({recorded.get('weights')!r}) than {encoder.weights!r}; pass --weights with the same weights"
+            )
+
+    # Weights already here are compared before the model is built or
+    # exported: a refusal must not cost seconds, nor leave a cached export.
+    weights_here = encoder.weights_status().available
+    if weights_here:
+        check_weights()
     encoder.ensure_loaded()
     if store.writable and encoder.precision != built_precision:
         # The manifest records the precision that ran (bf16 asked on a CPU
@@ -187,11 +200,8 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
             f"{encoder.runtime_name} ({encoder.precision}); add to it where it runs at {built_precision} "
             "(the same --precision), or build a new index"
         )
-    if encoder.weights_fingerprint() != recorded.get("weights_fingerprint"):
-        raise IndexMismatchError(
-            f"index {store.directory} was built with other {built_with} weights "
-            f"({recorded.get('weights')!r}) than {encoder.weights!r}; pass --weights with the same weights"
-        )
+    if not weights_here:
+        check_weights()  # fetched by the load
     return encoder
 
 
@@ -221,8 +231,11 @@ class Index:
         self._encoder = encoder
         # (encoder name, weights, runtime, precision) asked for, checked on first use
         self._wanted = wanted
-        # Pillow formats read from image files (see images.check_formats).
+        # Pillow formats read from image files (see images.check_formats),
+        # and the largest image read, for the images that queries, classify
+        # and evaluation embed (add() takes its own).
         self.formats = imgs.DEFAULT_FORMATS
+        self.max_megapixels = imgs.DEFAULT_MAX_MEGAPIXELS
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -326,6 +339,7 @@ class Index:
         manifest = self.store.manifest
         built = manifest.get("ann") or {}
         search = manifest.get("search") or {}
+        labels = self.store.labels()
         return {
             "path": str(self.store.directory),
             **self.store.backend.describe(),
@@ -351,8 +365,24 @@ class Index:
             "disk_bytes": _disk_bytes(self.store.directory),
             "created": manifest["created"],
             "updated": manifest["updated"],
-            "labels": self.store.labels(),
+            "labels": labels,
+            "unlabelled": self.store.count - sum(labels.values()),
+            "classifier": self._classifier_facts(),
         }
+
+    def _classifier_facts(self) -> dict | None:
+        """The saved linear classifier in brief, and whether it still fits
+        this index state (None: none trained)."""
+        from . import linear
+
+        try:
+            model = linear.LinearModel.load(self.store.directory)
+        except ImgsearchError:
+            return {"method": None, "labels": 0, "current": False, "damaged": True}
+        if model is None:
+            return None
+        return {"method": model.method, "labels": len(model.classes), "current":
+                model.fingerprint == self.state_fingerprint(), "damaged": False}
 
     # -- adding ----------------------------------------------------------
     def add(self, paths, *, labels: dict[str, str] | None = None, batch_size: int | None = None,
@@ -398,15 +428,18 @@ class Index:
                     f"(first: {first.path}: {first.reason}); no index was created"
                 )
             return report
-        except BaseException:
+        except BaseException as exc:
             if self.store.created_here and self.store.count == 0:
                 self.store.discard()
+                if isinstance(exc, Interrupted):  # there is nothing to resume
+                    raise Interrupted("interrupted before any image was committed; the new index was "
+                                      "removed") from None
             raise
 
     def _add(self, paths, labels, batch_size, commit_every, max_megapixels, formats, progress, ray,
              ray_gpus) -> AddReport:
         started = time.perf_counter()
-        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats))
+        files, skipped = imgs.discover(paths, imgs.suffixes_for(formats), formats)
         if not files:
             raise NoImagesError(
                 "no image files found in " + ", ".join(str(p) for p in paths)
@@ -628,47 +661,82 @@ class Index:
         return report
 
     # -- searching -------------------------------------------------------
-    def embed_files(self, paths) -> tuple[np.ndarray, list[str]]:
-        """Normalised vectors of image files and their content hashes;
-        a file that cannot be read is an error, not a skip."""
-        pixels, hashes = [], []
-        for path in paths:
-            try:
-                data = imgs.read_bytes(Path(path))
-                image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats)
-            except imgs.DecodeError as exc:
-                raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
-            hashes.append(sha256_bytes(data))
-            pixels.append(image_pixels)
-        if not pixels:
+    def embed_files(self, paths, *, progress: Progress | None = None) -> tuple[np.ndarray, list[str]]:
+        """Normalised vectors of image files and their content hashes, a
+        batch at a time (``progress(done, total)`` after each); a file that
+        cannot be read is an error, not a skip."""
+        paths = list(paths)
+        if not paths:
             raise UsageError("no query images given")
-        return self.embed_pixels(np.stack(pixels)), hashes
+        batch = self.encoder.batch_size
+        vectors, hashes = [], []
+        for start in range(0, len(paths), batch):
+            pixels = []
+            for path in paths[start:start + batch]:
+                try:
+                    data = imgs.read_bytes(Path(path))
+                    image_pixels, _ = imgs.to_pixels(data, self.encoder.preprocessing, formats=self.formats,
+                                                     max_megapixels=self.max_megapixels)
+                except imgs.DecodeError as exc:
+                    raise ImgsearchError(f"cannot read query image {path}: {exc}") from None
+                hashes.append(sha256_bytes(data))
+                pixels.append(image_pixels)
+            vectors.append(self.embed_pixels(np.stack(pixels)))
+            if progress:
+                progress(start + len(pixels), len(paths))
+        return np.concatenate(vectors), hashes
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Normalised vectors of images already resized for the encoder
         (see :func:`imgsearch.images.to_pixels`)."""
         return l2_normalize(self.encoder.embed_pixels(pixels))
 
-    def query(self, paths, *, k: int = 10, include_self: bool = False) -> list[QueryResult]:
-        """The ``k`` most similar indexed images of each image file."""
+    def query(self, paths, *, k: int = 10, include_self: bool = False, min_score: float | None = None,
+              label: str | None = None, progress: Progress | None = None) -> list[QueryResult]:
+        """The ``k`` most similar indexed images of each image file
+        (``progress(done, total)`` follows their embedding).  ``min_score``
+        drops neighbours less similar than that; ``label`` keeps only
+        neighbours with that label (so fewer than ``k`` may come back)."""
         _check_k(k)
-        vectors, hashes = self.embed_files(paths)
-        return self.query_vectors(vectors, [str(p) for p in paths], hashes, k=k, include_self=include_self)
+        paths = list(paths)
+        vectors, hashes = self.embed_files(paths, progress=progress)
+        return self.query_vectors(vectors, [str(p) for p in paths], hashes, k=k, include_self=include_self,
+                                  min_score=min_score, label=label)
 
     def query_vectors(self, vectors: np.ndarray, names: list[str], hashes: list[str | None], *, k: int = 10,
-                      include_self: bool = False, labelled: bool = False) -> list[QueryResult]:
+                      include_self: bool = False, labelled: bool = False, min_score: float | None = None,
+                      label: str | None = None) -> list[QueryResult]:
         """The ``k`` most similar indexed images of each normalised vector,
         named ``names[i]``, only labelled ones when ``labelled``; unless
         ``include_self``, the indexed image whose content hash is
-        ``hashes[i]`` is not its own neighbour."""
+        ``hashes[i]`` is not its own neighbour (see :meth:`query` for the
+        filters)."""
         _check_k(k)
-        # One extra neighbour so that dropping the query itself still leaves k.
-        found = self.store.search(vectors, k if include_self else k + 1, labelled=labelled)
-        results = []
-        for name, sha, hits in zip(names, hashes, found):
-            if not include_self:
-                hits = [hit for hit in hits if hit.entry.sha256 != sha]
-            results.append(QueryResult(name, hits[:k]))
+
+        def wanted(hit, sha):
+            return ((include_self or hit.entry.sha256 != sha)
+                    and (min_score is None or hit.score >= min_score)
+                    and (label is None or hit.entry.label == label))
+
+        # One extra neighbour so that dropping the query itself still leaves
+        # k; with a label filter, ever more until k pass or none are left.
+        depth = k if include_self else k + 1
+        if label is not None:
+            depth = max(depth, 4 * k)
+        results: list[QueryResult | None] = [None] * len(names)
+        todo = list(range(len(names)))
+        while todo:
+            found = self.store.search(vectors[todo], depth, labelled=labelled)
+            still = []
+            for row, hits in zip(todo, found):
+                kept = [hit for hit in hits if wanted(hit, hashes[row])]
+                # Hits come best first: past min_score, deeper ones are worse.
+                exhausted = (len(hits) < depth or (min_score is not None and hits and hits[-1].score < min_score))
+                if len(kept) >= k or exhausted:
+                    results[row] = QueryResult(names[row], kept[:k])
+                else:
+                    still.append(row)
+            todo, depth = still, depth * 4
         return results
 
     def indexed(self, ids) -> tuple[np.ndarray, list[Entry]]:
@@ -692,7 +760,8 @@ class Index:
 
         def load(file):
             try:
-                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats)[0], None
+                return file, imgs.to_pixels(imgs.read_bytes(file.path), prep, formats=self.formats,
+                                            max_megapixels=self.max_megapixels)[0], None
             except imgs.DecodeError as exc:
                 return file, None, str(exc)
 
@@ -747,9 +816,11 @@ class Index:
         return (f"{manifest['created']}/r{revision}/"
                 f"{manifest['encoder']['name']}/{manifest['encoder'].get('weights_fingerprint')}")
 
-    def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0):
+    def train_classifier(self, *, method: str = "logreg", C: float | str = "auto", seed: int = 0,
+                         progress: Progress | None = None):
         """Fit a linear classifier on the labelled vectors and save it in the
-        index folder (the index must be open for writing)."""
+        index folder (the index must be open for writing); ``progress(done,
+        total)`` follows the cross-validation that chooses C."""
         from . import linear
 
         if not self.store.writable:
@@ -758,7 +829,7 @@ class Index:
         if not entries:
             raise UsageError(f"index {self.store.directory} has no labels to train on")
         model = linear.fit(vectors, [e.label for e in entries], method=method, C=C,
-                           fingerprint=self.state_fingerprint(), seed=seed)
+                           fingerprint=self.state_fingerprint(), seed=seed, progress=progress)
         model.save(self.store.directory)
         return model
 
@@ -780,11 +851,12 @@ class Index:
 
     def classify(self, paths, *, k: int = 20, vote: str = "weighted",
                  temperature: float = knn.DEFAULT_TEMPERATURE, include_self: bool = False,
-                 method: str = "knn") -> list[Classification]:
+                 method: str = "knn", progress: Progress | None = None) -> list[Classification]:
         """A label for each image file by a vote of its ``k`` nearest labelled
-        neighbours, or (``method="linear"``) by the trained linear classifier."""
+        neighbours, or (``method="linear"``) by the trained linear classifier;
+        ``progress(done, total)`` follows the images' embedding."""
         self._check_classify(k, vote, temperature, method)
-        vectors, hashes = self.embed_files(paths)
+        vectors, hashes = self.embed_files(paths, progress=progress)
         return self.classify_vectors(vectors, [str(p) for p in paths], hashes, k=k, vote=vote,
                                      temperature=temperature, include_self=include_self, method=method)
 

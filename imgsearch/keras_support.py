@@ -10,13 +10,16 @@ import numpy as np
 
 
 def import_keras():
-    """``import keras`` (with TensorFlow), honouring TF_CPP_MIN_LOG_LEVEL=3.
+    """``import keras`` (with TensorFlow), with TensorFlow's native logs off.
 
-    TensorFlow's native start-up notices (oneDNN, CPU features) are written to
-    the stderr file descriptor before its log settings take effect, so with
-    level 3 (what the CLI asks for) the descriptor is silenced for the import
-    alone.  Python exceptions still propagate after it is restored.
+    The library never prints, and TensorFlow's C++ logs (oneDNN and CPU
+    notices, "failed call to cuInit") bypass Python's logging: they are
+    silenced with TF_CPP_MIN_LOG_LEVEL=3 unless the user set the variable.
+    Its start-up notices are written to the stderr file descriptor before
+    that setting takes effect, so at level 3 the descriptor is silenced for
+    the import alone.  Python exceptions still propagate after it is restored.
     """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "keras" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
         import keras
 

@@ -8,7 +8,9 @@ folder, no pickle), so classifying needs numpy alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImgsearchError, UsageError, first_line
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "classifier.npz"
 METHODS = ("logreg", "svm")
@@ -95,31 +99,65 @@ def _estimator(method: str, C: float, seed: int):
     return LinearSVC(C=C, max_iter=10000, random_state=seed)
 
 
+def _fitted(estimator, X, y, unconverged: list):
+    """``estimator`` fitted, a solver that stops short noted in ``unconverged``
+    instead of printed as scikit-learn's warning (the library never prints)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        estimator.fit(X, y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        unconverged.append(estimator.C)
+    return estimator
+
+
+def _cross_validated(method, X, y, splits: int, seed: int, progress, unconverged) -> tuple[float, float]:
+    """The C of the grid with the best mean accuracy over stratified folds
+    (the first of equals), and that accuracy."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = list(StratifiedKFold(splits, shuffle=True, random_state=seed).split(X, y))
+    total, done, means = len(C_GRID) * len(folds), 0, []
+    for C in C_GRID:
+        scores = []
+        for train, test in folds:
+            model = _fitted(_estimator(method, C, seed), X[train], y[train], unconverged)
+            scores.append(float(np.mean(model.predict(X[test]) == y[test])))
+            done += 1
+            if progress:
+                progress(done, total)
+        means.append(float(np.mean(scores)))
+    best = int(np.argmax(means))
+    return C_GRID[best], means[best]
+
+
 def fit(vectors: np.ndarray, labels: list[str], *, method: str = "logreg", C: float | str = "auto",
-        fingerprint: str = "", seed: int = 0, folds: int = 3) -> LinearModel:
+        fingerprint: str = "", seed: int = 0, folds: int = 3, progress=None) -> LinearModel:
     """Fit on L2-normalised vectors; ``C="auto"`` picks C from a log grid by
-    stratified cross-validation."""
+    stratified cross-validation, reporting ``progress(done, total)`` fits.
+    A solver that does not converge is logged as a warning."""
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise UsageError("a classifier needs at least two labels in the index")
     _sklearn()
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     X = np.asarray(vectors, dtype=np.float64)
     y = np.asarray(labels)
     cv_accuracy = None
+    unconverged: list[float] = []
     if C == "auto":
         smallest = min(int(np.sum(y == c)) for c in classes)
         if smallest < 2:
             raise UsageError("choosing C by cross-validation needs at least 2 images of every label; "
                              "pass --C with a value")
-        splits = max(2, min(folds, smallest))
-        search = GridSearchCV(_estimator(method, 1.0, seed), {"C": list(C_GRID)},
-                              cv=StratifiedKFold(splits, shuffle=True, random_state=seed), n_jobs=1)
-        search.fit(X, y)
-        C, cv_accuracy = float(search.best_params_["C"]), float(search.best_score_)
-    model = _estimator(method, float(C), seed).fit(X, y)
+        C, cv_accuracy = _cross_validated(method, X, y, max(2, min(folds, smallest)), seed, progress, unconverged)
+        unconverged.clear()  # the final fit decides whether the saved model converged
+    model = _fitted(_estimator(method, float(C), seed), X, y, unconverged)
+    if unconverged:
+        logger.warning("the %s solver stopped before converging at C=%g; the classifier may be a little "
+                       "less accurate (a smaller --C converges faster)", method, float(C))
     return LinearModel(method, float(C), [str(c) for c in model.classes_], np.asarray(model.coef_),
                        np.asarray(model.intercept_), fingerprint, cv_accuracy)

@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .evaluation import Evaluation, Scores
 from .tables import columns
 
@@ -56,7 +58,8 @@ def write_report(evaluation: Evaluation, folder) -> list[Path]:
 
 def confusion_png(scores: Scores, path: Path) -> Path:
     """A confusion matrix a person can read: class names on both axes,
-    counts in the cells, darker for more."""
+    counts in the cells, darker for more (the diagonal in blue, the errors
+    in red, each on its own scale)."""
     from PIL import Image, ImageDraw, ImageFont
 
     classes = scores.classes
@@ -76,14 +79,18 @@ def confusion_png(scores: Scores, path: Path) -> Path:
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black", font=font)
     top = title_height + label_width
-    peak = max(int(scores.confusion.max(initial=0)), 1)
+    # The errors get their own scale: against the diagonal's counts they
+    # would all be near white, and they are what a reader looks for.
+    diagonal = np.diag(scores.confusion)
+    errors = scores.confusion - np.diag(diagonal)
+    peaks = (max(int(diagonal.max(initial=0)), 1), max(int(errors.max(initial=0)), 1))
     for i, true in enumerate(classes):
         y = top + i * cell
         draw.text((label_width - 6, y + cell / 2), true, fill="black", font=font, anchor="rm")
         for j in range(n):
             x = label_width + j * cell
             count = int(scores.confusion[i, j])
-            shade = int(255 - 200 * count / peak)
+            shade = int(255 - 200 * count / peaks[i != j])
             colour = (shade, shade, 255) if i == j else (255, shade, shade)
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(200, 200, 200))
             ink = "white" if shade < 120 else "black"

@@ -269,6 +269,9 @@ class _Service:
         self.decode_threads = decode_threads
         self.ready = False
         self.load_error: str | None = None
+        # Called (from the loading thread) when the model cannot load; run()
+        # stops the server then, so that the process exits and says why.
+        self.on_load_failure = None
         self.load_seconds: float | None = None
         self.batches = 0  # embed calls made, for /meta and tests
         self.vectors = 0
@@ -311,6 +314,8 @@ class _Service:
             # with this message) instead of exiting where nobody reads a log.
             self.load_error = f"the encoder failed to load: {first_line(exc)}"
             logger.error("imgsearch: %s", self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
             return
         self.load_seconds = time.perf_counter() - started
         self.ready = True
@@ -515,8 +520,15 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
     with stop_signals_end_run() as stop:
         if workers == 1:
             app = create_app(encoder, **limits)  # checks the limits before binding
+            # A service whose model cannot load is of no use: it exits with
+            # the reason, and an orchestrator restarts it (a person reads why).
             serve_app(app, host, port, options, stop, lambda url: logger.info(
-                "imgsearch: serving encoder %s (dim %d) on %s (Ctrl-C to stop)", encoder.name, encoder.dim, url))
+                "imgsearch: serving encoder %s (dim %d) on %s (IMAGE_INFERENCE_API=%s; Ctrl-C to stop)",
+                encoder.name, encoder.dim, url, url),
+                attach=lambda server: setattr(app.state.service, "on_load_failure",
+                                              lambda: setattr(server, "should_exit", True)))
+            if app.state.service.load_error is not None:
+                raise ImgsearchError(app.state.service.load_error)
             return
 
         create_app(encoder, **limits)  # the same checks, once, before any worker starts
@@ -524,10 +536,13 @@ def run(encoder: Encoder, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, wo
         # bind first turns "address in use" into our one-line error.
         bind(host, port).close()
         runtime = encoder.options()
+        # Loaded here first: a model that cannot load stops the command with
+        # its reason before any worker starts (uvicorn would restart failing
+        # workers forever), and an export (and calibration) is made once, not
+        # in every worker at once.
+        encoder.ensure_loaded()
         runtime_name = "keras"
         if runtime.runtime != "keras":
-            # Export (and calibrate) once here, not in every worker at once.
-            encoder.ensure_loaded()
             runtime_name = "keras" if encoder.runtime_name in ("keras", "native") else runtime.runtime
         if stop.signalled:  # uvicorn's supervisor would not know
             return

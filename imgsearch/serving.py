@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import logging
 import signal
 import socket
@@ -372,19 +373,28 @@ def server_options(*, read_timeout_s: float, max_connections: int, graceful_time
     if max_connections < 1:
         raise UsageError("the connection limit must be at least 1")
     connection_limits.update({"read_timeout_s": read_timeout_s, "max_connections": max_connections})
+    # uvicorn's own logging, with the access log moved from stdout to stderr
+    # beside every other line: stdout is for results.
+    import uvicorn
+
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
     # The connection limit is LimitedProtocol's, not uvicorn's limit_concurrency.
     return {"log_level": log_level, "access_log": access_log, "lifespan": "on", "http": LimitedProtocol,
-            "timeout_graceful_shutdown": graceful_timeout_s}
+            "timeout_graceful_shutdown": graceful_timeout_s, "log_config": log_config}
 
 
-def serve_app(app, host: str, port: int, options: dict, stop: StopOnSignal, announce) -> None:
+def serve_app(app, host: str, port: int, options: dict, stop: StopOnSignal, announce, *, attach=None) -> None:
     """Run ``app`` in this process on ``host:port`` until ``stop`` is
-    signalled; ``announce(url)`` logs where it listens once bound."""
+    signalled; ``announce(url)`` logs where it listens once bound, and
+    ``attach(server)`` lets the caller stop the server itself."""
     import uvicorn
 
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
     stop.attach(server)
+    if attach is not None:
+        attach(server)
     shown_host = f"[{host}]" if ":" in host else host
     # Logged by us: uvicorn is silent about sockets it did not open.
     announce(f"http://{shown_host}:{sock.getsockname()[1]}")

@@ -28,6 +28,7 @@ def isolated_environment(monkeypatch, tmp_path, _session_cache):
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("IMGSEARCH_CACHE_DIR", str(_session_cache))
+    monkeypatch.setenv("IMGSEARCH_DATA_DIR", str(tmp_path / "user-data"))  # where the default index lives
     keras_home = tmp_path / "keras-home"
     keras_home.mkdir()
     monkeypatch.setenv("KERAS_HOME", str(keras_home))

@@ -301,7 +301,7 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_indexed(tmp_path, corp
     good = len(corpus.good) - 1  # one of them is a duplicate
     assert summary(result.stdout, index_dir) == (good, 0, 0, 0, 1, len(skipped), good)
     assert len(skipped) == 13 + len({str(p) for p in corpus.ignorable} & set(skipped))
-    lines = result.stdout.splitlines()
+    lines = result.stderr.splitlines()  # notices, not results
     for path, reason in skipped.items():
         assert f"skipped: {path}: {reason}" in lines
     assert f"duplicate: {corpus.good['dup-b']} (same content as {corpus.good['dup-a']})" in lines

@@ -54,8 +54,8 @@ def test_changed_new_duplicate_and_bad_files(tmp_path, labelled_copy):
     (labelled_copy / "church" / "broken.jpg").write_bytes(b"not a jpeg")
     result = run("index", labelled_copy, "--index", target)
     assert result.stdout.splitlines()[0].startswith("added 0, updated 1, moved 0, unchanged 49, duplicates 1, skipped 1 ")
-    assert f"duplicate: {labelled_copy / 'church' / 'copy.jpg'} (same content as {church[2]})" in result.stdout
-    assert f"skipped: {labelled_copy / 'church' / 'broken.jpg'}: not an image" in result.stdout
+    assert f"duplicate: {labelled_copy / 'church' / 'copy.jpg'} (same content as {church[2]})" in result.stderr
+    assert f"skipped: {labelled_copy / 'church' / 'broken.jpg'}: not an image" in result.stderr
     info_after = json.loads(run("info", "--index", target, "--format", "json").stdout)
     assert info_after["count"] == info_before["count"] == 50
     from imgsearch.store import Store
@@ -411,7 +411,7 @@ def test_a_file_name_that_is_not_utf8_is_skipped(tmp_path):
     shutil.copy(QUERY.replace("church", "tench"), os.fsencode(folder) + b"/bad\xffname.jpg")
     result = run("index", folder, "--index", tmp_path / "ix", "--encoder", "tiny-color")
     assert result.stdout.startswith("added 1,")
-    assert "file name is not valid UTF-8" in result.stdout
+    assert "file name is not valid UTF-8" in result.stderr
 
 
 def test_verify_waits_for_no_writer(index_dir):

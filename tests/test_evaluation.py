@@ -153,6 +153,41 @@ def test_linear_classifier_matches_scikit_learn_predictions(index_dir):
     np.testing.assert_allclose(confidence, reference.predict_proba(vectors).max(axis=1), rtol=1e-5)
 
 
+def test_c_is_chosen_as_scikit_learn_s_grid_search_would_with_progress(index_dir):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from imgsearch.index import Index
+    from imgsearch.linear import C_GRID, fit
+
+    with Index.open(index_dir, plugins_dir=PLUGINS_DIR) as index:
+        entries, vectors = index.labelled_vectors()
+    labels = [e.label for e in entries]
+    calls = []
+    ours = fit(vectors, labels, method="logreg", C="auto", seed=3, progress=lambda done, total: calls.append((done, total)))
+    search = GridSearchCV(LogisticRegression(max_iter=2000, random_state=3), {"C": list(C_GRID)},
+                          cv=StratifiedKFold(3, shuffle=True, random_state=3)).fit(vectors, labels)
+    assert ours.C == search.best_params_["C"]
+    assert ours.cv_accuracy == pytest.approx(search.best_score_)
+    assert calls == [(done, 18) for done in range(1, 19)]  # 6 values of C, 3 folds each
+
+
+def test_a_solver_that_does_not_converge_is_logged_not_printed(caplog):
+    import warnings
+
+    from imgsearch.linear import fit
+
+    # Near-copies with opposite labels: the SVM's solver cannot finish.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 100))
+    vectors = np.vstack([base, base + 1e-3 * rng.normal(size=base.shape)])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning printed would fail here
+        fit(vectors, ["a"] * 20 + ["b"] * 20, method="svm", C=1000.0)
+    assert "the svm solver stopped before converging at C=1000" in caplog.text
+
+
 def test_without_scikit_learn_training_says_how_to_install(index_dir, monkeypatch):
     import builtins
 

@@ -109,6 +109,17 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert imgs.decode(data, max_megapixels=200).size == (12000, 12000)
 
 
+def test_pillows_own_size_guard_is_reported_with_the_real_size(monkeypatch):
+    # Pillow checks some formats itself (WebP, GIF frames, TIFF tiles, MPO),
+    # beyond our own limit; its refusal names the image's size too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _encode(Image.new("RGB", (300, 200)), "WEBP")
+    with pytest.raises(imgs.DecodeError) as refused:
+        imgs.decode(data, max_megapixels=100)
+    assert str(refused.value) == "image too large (0.06 megapixels; Pillow reads this format only up to 0.002 megapixels)"
+    assert refused.value.kind == "too large"
+
+
 def test_discover_walks_folders_labels_by_parent_and_reports_missing(tmp_path):
     (tmp_path / "root" / "cats").mkdir(parents=True)
     (tmp_path / "root" / "cats" / "b.jpg").write_bytes(b"x")
@@ -118,6 +129,45 @@ def test_discover_walks_folders_labels_by_parent_and_reports_missing(tmp_path):
     files, skipped = imgs.discover([tmp_path / "root", tmp_path / "root" / "top.jpg", tmp_path / "nope"])
     assert [(f.path.name, f.label) for f in files] == [("top.jpg", None), ("a.PNG", "cats"), ("b.jpg", "cats")]
     assert [(s.path.name, s.reason) for s in skipped] == [("nope", "no such file or folder")]
+
+
+def test_a_folder_walk_reports_every_picture_it_does_not_take(tmp_path):
+    root = tmp_path / "root"
+    (root / "cats").mkdir(parents=True)
+    for name in ("a.jpg", "b.jfif", "c.JPE", "iphone.HEIC", "d.heif", "e.avif", "old.ppm", "icon.ico",
+                 "notes.txt", "model.h5", "clip.mpg"):
+        (root / "cats" / name).write_bytes(b"x")
+    files, skipped = imgs.discover([root])
+    assert [f.path.name for f in files] == ["a.jpg", "b.jfif", "c.JPE"]  # JPEG by other names
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert reasons == {
+        "iphone.HEIC": "unsupported format (HEIC/HEIF; convert it to JPEG or PNG)",
+        "d.heif": "unsupported format (HEIC/HEIF; convert it to JPEG or PNG)",
+        "e.avif": "unsupported format (AVIF; convert it to JPEG or PNG)",
+        "old.ppm": "unsupported format (PPM is not among the formats read: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
+                   "see --image-formats)",
+        "icon.ico": "unsupported format (ICO is not among the formats read: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
+                    "see --image-formats)",
+    }  # text, Keras weights and video are no pictures
+    # Listed formats are taken, and named files are judged by their content.
+    files, skipped = imgs.discover([root, root / "cats" / "iphone.HEIC"], imgs.suffixes_for(("JPEG", "PPM")),
+                                   ("JPEG", "PPM"))
+    assert "old.ppm" in {f.path.name for f in files} and "old.ppm" not in {s.path.name for s in skipped}
+    assert "iphone.HEIC" in {f.path.name for f in files}
+
+
+def test_links_to_folders_are_followed_and_each_folder_walked_once(tmp_path):
+    photos = tmp_path / "elsewhere" / "dogs"
+    photos.mkdir(parents=True)
+    (photos / "rex.jpg").write_bytes(b"x")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "dogs").symlink_to(photos, target_is_directory=True)
+    (root / "dogs-again").symlink_to(photos, target_is_directory=True)
+    (photos / "loop").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    files, skipped = imgs.discover([root])
+    assert [(f.path, f.label) for f in files] == [(root / "dogs" / "rex.jpg", "dogs")]
+    assert skipped == []
 
 
 def test_a_larger_limit_leaves_pillows_own_guard_alone(monkeypatch):

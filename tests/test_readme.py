@@ -57,6 +57,7 @@ def test_every_option_in_the_synopsis_exists():
                              "train-classifier",
                              "serve-vectorizer",
                              "serve",
+                             "export",
                              "info", "encoders"}
     def where(name, text):  # "imgsearch serve" is not "imgsearch serve-vectorizer"
         found = re.search(rf"imgsearch {re.escape(name)}(?![\w-])", text)

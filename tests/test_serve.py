@@ -535,6 +535,60 @@ def test_an_encoder_that_fails_to_load_is_reported_not_fatal():
         assert status == 503 and "failed to load" in reply["error"]
 
 
+@needs_stack
+def test_run_exits_with_the_reason_when_the_encoder_cannot_load():
+    from imgsearch import serve
+
+    encoder = GatedEncoder(fail=True)
+    encoder.gate.set()
+    outcome = {}
+
+    def serve_it():
+        try:
+            serve.run(encoder, "127.0.0.1", _free_port(), access_log=False)
+            outcome["returned"] = True
+        except ImgsearchError as exc:
+            outcome["error"] = str(exc)
+
+    # A thread, so that a service that never exits fails this test instead
+    # of hanging it.
+    thread = threading.Thread(target=serve_it, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the service kept running without its model"
+    assert outcome == {"error": "the encoder failed to load: weights file gated.bin not found"}
+
+
+@needs_stack
+def test_several_workers_refuse_an_encoder_that_cannot_load_before_starting():
+    from imgsearch import serve
+
+    from imgsearch.runtime import RuntimeOptions
+
+    encoder = GatedEncoder(fail=True)
+    encoder.gate.set()
+    encoder.use_runtime(RuntimeOptions("keras", "fp32"))  # each worker would load its own model
+    port = _free_port()
+    with pytest.raises(ImgsearchError, match="gated.bin not found"):
+        serve.run(encoder, "127.0.0.1", port, workers=2, access_log=False)
+    with pytest.raises(OSError):  # nothing was left listening
+        call(port, "GET", "/.well-known/live", timeout=5)
+
+
+
+
+@needs_stack
+def test_the_command_exits_with_one_line_when_the_encoder_cannot_load():
+    plugins = Path(__file__).resolve().parent / "plugins_broken"
+    command = [sys.executable, "-m", "imgsearch", "--plugins-dir", str(plugins), "serve-vectorizer",
+               "--encoder", "broken", "--port", str(_free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: the encoder failed to load: weights of broken cannot be downloaded here"]
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 # -- batching and load ------------------------------------------------------------
 
 @needs_stack
@@ -829,9 +883,12 @@ def test_the_serve_vectorizer_command(tmp_path):
         assert answer["id"] == "a/../../b" and answer["dim"] == 48 and len(answer["vector"]) == 48
     finally:
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert f"serving tiny-color (48-d) on http://127.0.0.1:{port}" in err
+    # Said once, and the access log is on stderr: stdout is for results.
+    assert err.count("serving encoder tiny-color") == 1
+    assert f"serving encoder tiny-color (dim 48) on http://127.0.0.1:{port}" in err
+    assert '"POST /vectors HTTP/1.1" 200' in err and out == ""
 
 
 # -- memory, connections and timeouts under hostile load ------------------------------

@@ -265,6 +265,19 @@ def test_a_creation_killed_part_way_leaves_a_folder_the_next_run_takes(tmp_path,
     assert not (target / "manifest.json.tmp").exists() and not (target / "metadata.sqlite.new").exists()
 
 
+def test_the_loser_of_two_creations_is_told_another_process_made_the_index(tmp_path):
+    # Both found the folder empty; the other process created the index while
+    # this one was still loading its model.
+    target = tmp_path / "ix"
+    winner = Store.create(target, encoder={"name": "synthetic"}, dim=4)
+    with pytest.raises(IndexLockedError, match="being written by another process"):
+        Store.create(target, encoder={"name": "synthetic"}, dim=4)
+    winner.close()  # its whole run is over before the loser gets there
+    with pytest.raises(IndexLockedError, match="was just created by another process; run the command again"):
+        Store.create(target, encoder={"name": "synthetic"}, dim=4)
+    assert Store.open(target).count == 0  # and it is left as it was
+
+
 def test_a_folder_of_other_files_is_still_refused(tmp_path):
     target = tmp_path / "ix"
     target.mkdir()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import DamagedIndexError, UsageError
 from .files import publish, write_error
 
 TYPES = ("auto", "flat", "hnsw", "ivf-sq8", "ivf-pq")
@@ -193,22 +193,21 @@ class AnnIndex:
     def open(cls, directory: Path, built: dict, segment) -> "AnnIndex":
         import faiss
 
-        from ..errors import BadIndexError
 
         path = directory / built["file"]
         size = os.stat(path).st_size  # FileNotFoundError: the caller may retry
         if size != built.get("bytes"):
-            raise BadIndexError(f"index {directory} is damaged: {built['file']} has {size} bytes, "
-                                f"{built.get('bytes')} recorded")
+            raise DamagedIndexError(f"index {directory} is damaged: {built['file']} has {size} bytes, "
+                                    f"{built.get('bytes')} recorded")
         flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if built["type"].startswith("ivf") else 0)
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError:
             if not path.exists():  # a merge replaced it just now: the caller retries
                 raise FileNotFoundError(2, "no such file", str(path)) from None
-            raise BadIndexError(f"index {directory} is damaged: cannot read {built['file']}") from None
+            raise DamagedIndexError(f"index {directory} is damaged: cannot read {built['file']}") from None
         if index.ntotal != segment.count or index.d != segment.dim:
-            raise BadIndexError(f"index {directory} is damaged: {built['file']} does not fit its segment")
+            raise DamagedIndexError(f"index {directory} is damaged: {built['file']} does not fit its segment")
         return cls(index, built, segment)
 
     def checksum_ok(self) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadIndexError
+from ..errors import BadIndexError, DamagedIndexError
 from . import ann
 from .files import deferred_signals, write_atomic
 from .segments import write_segment
@@ -98,14 +98,14 @@ def _read_v1_vectors(directory: Path, manifest: dict) -> tuple[np.ndarray, np.nd
     try:
         data = (directory / name).read_bytes()
     except OSError:
-        raise BadIndexError(f"index {directory} is damaged: its vectors file {name} is missing") from None
+        raise DamagedIndexError(f"index {directory} is damaged: its vectors file {name} is missing") from None
     if manifest.get("vectors_sha256") and hashlib.sha256(data).hexdigest() != manifest["vectors_sha256"]:
-        raise BadIndexError(f"index {directory} is damaged: {name} does not match the checksum recorded "
-                            "when it was written; it cannot be converted")
+        raise DamagedIndexError(f"index {directory} is damaged: {name} does not match the checksum recorded "
+                                "when it was written; it cannot be converted")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         vectors = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else np.empty((0, dim), np.float32)
     except (RuntimeError, AttributeError):
-        raise BadIndexError(f"index {directory} is damaged: cannot read {name}") from None
+        raise DamagedIndexError(f"index {directory} is damaged: cannot read {name}") from None
     return ids, np.ascontiguousarray(vectors, dtype=np.float32)

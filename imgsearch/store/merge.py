@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BadIndexError, Interrupted, UsageError
+from ..errors import DamagedIndexError, Interrupted, UsageError
 from . import ann
 from .files import deferred_signals, write_error
 from .segments import Segment, SegmentWriter, segment_name
@@ -250,7 +250,7 @@ def _check(store, segments, progress) -> None:
         if progress:
             progress("checking", number - 1, len(segments))
         if not segment.checksum_ok():
-            raise BadIndexError(
+            raise DamagedIndexError(
                 f"index {store.directory} is damaged: {segment.info.file} does not match the checksum "
                 "recorded when it was written; nothing was merged ('imgsearch verify' shows more)")
     if progress:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadIndexError
+from ..errors import DamagedIndexError
 from .files import publish, write_error
 
 MAGIC = b"IMGSVEC1"
@@ -125,13 +125,13 @@ class Segment:
             size = os.fstat(self._fd).st_size
             expected = file_bytes(info.count, dim)
             if size != expected or info.bytes != expected:
-                raise BadIndexError(
+                raise DamagedIndexError(
                     f"index {directory} is damaged: {info.file} has {size} bytes, "
                     f"{expected} expected for {info.count} vectors of dimension {dim}"
                 )
             magic, file_dim, _, count = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
             if magic != MAGIC or file_dim != dim or count != info.count:
-                raise BadIndexError(f"index {directory} is damaged: {info.file} has a wrong header")
+                raise DamagedIndexError(f"index {directory} is damaged: {info.file} has a wrong header")
             self.ids = np.empty(count, dtype="<i8")
             self._read_into(self.ids, HEADER_BYTES)
         except BaseException:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadIndexError, IndexLockedError, first_line
+from ..errors import BadIndexError, DamagedIndexError, IndexLockedError, first_line
 from . import ann
 from . import backend as backends
 from .files import LOCK_FILE, deferred_signals, fsync_dir, lock as _lock, write_atomic
@@ -184,8 +184,11 @@ def _is_leftover(path: Path) -> bool:
     """A file an unfinished creation of ours may leave (or our lock file)."""
     if path.name not in _CREATION_LEFTOVERS:
         return False
-    if path.name == MANIFEST_FILE + ".tmp" and path.stat().st_size == 0:
-        return True  # killed between creating the temporary copy and writing it
+    try:
+        if path.name == MANIFEST_FILE + ".tmp" and path.stat().st_size == 0:
+            return True  # killed between creating the temporary copy and writing it
+    except FileNotFoundError:
+        return True  # renamed into place by a creation running now: the lock tells
     if path.name.startswith(MANIFEST_FILE):  # ours only if it reads as our manifest
         try:
             return "format_version" in json.loads(path.read_text())
@@ -336,6 +339,11 @@ class Store:
                     handle = _lock(directory)  # raises while another process creates it
                     if handle is not None:
                         handle.close()
+                if (directory / METADATA_FILE).exists():
+                    # Another process created it and finished after this one
+                    # found the folder empty (its model took longer to load).
+                    raise IndexLockedError(f"index {directory} was just created by another process; "
+                                           "run the command again to add to it")
                 raise BadIndexError(
                     f"{directory} is not an imgsearch index and not empty; refusing to write there"
                 )
@@ -468,7 +476,7 @@ class Store:
                 db = _connect_read_only(directory)
                 db.execute("SELECT count(*) FROM state").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise BadIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
+            raise DamagedIndexError(f"the metadata of index {directory} is damaged ({exc})") from None
         if not writable:
             try:
                 handle = _lock(directory, create=False) if exclusive else None
@@ -505,8 +513,8 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _damaged(self, what: str) -> BadIndexError:
-        return BadIndexError(f"index {self.directory} is damaged: {what}")
+    def _damaged(self, what: str) -> DamagedIndexError:
+        return DamagedIndexError(f"index {self.directory} is damaged: {what}")
 
     def _load_state(self, attempts: int = 10) -> None:
         for attempt in range(attempts):
@@ -532,7 +540,7 @@ class Store:
                 self._next_id = int(state["next_id"])
                 self._next_segment = int(state["next_segment"])
             except (sqlite3.DatabaseError, KeyError, ValueError, TypeError) as exc:
-                raise BadIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
+                raise DamagedIndexError(f"the metadata of index {self.directory} is damaged ({exc})") from None
             if self.backend is None:
                 self.backend = backends.get((manifest.get("backend") or {}).get("name", backends.DEFAULT))(
                     self, manifest.get("backend") or {"name": backends.DEFAULT})
