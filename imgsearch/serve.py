@@ -346,7 +346,7 @@ class _Service:
             "preprocessing": encoder.preprocessing.to_dict(),
             "weights_fingerprint": self.weights_fingerprint,
             "random_weights": encoder.random_weights,
-            "precision": encoder.options().precision,
+            "precision": encoder.precision,  # what runs (a bf16 fallback is fp32)
             "runtime": encoder.runtime_name,
             "ready": self.ready,
             "imgsearch_version": __version__,
