@@ -1049,7 +1049,8 @@ def _show_recorded_manifest(index_dir, fmt) -> None:
 @index_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port to listen on.")
 @click.option("--max-upload-mb", type=POSITIVE, default=20.0, show_default=True,
               help="Largest image file accepted as a query, in MiB.")
 @click.option("--max-megapixels", type=POSITIVE, default=40.0, show_default=True,

@@ -113,6 +113,7 @@ def test_info_is_the_cli_info_plus_the_server_limits(server, index_dir):
     assert status == 200
     cli = json.loads(run("info", "--index", index_dir, "--format", "json").stdout)
     server_facts = info.pop("server")
+    assert cli.pop("index_source") == "--index"  # how the command line chose the index
     assert info == cli
     assert server_facts["ready"] is True and server_facts["max_megapixels"] == 40.0
 
