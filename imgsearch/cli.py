@@ -140,6 +140,15 @@ def _open_errors_csv(path: str, index_dir: str):
         raise click.UsageError(f"cannot write --errors file {path}: {exc.strerror or exc}") from None
 
 
+def _html_target(path, index_dir):
+    """An --html page path, checked before any work (None when not asked)."""
+    if path is None:
+        return None
+    from .sheets import check_output
+
+    return check_output(path, index_dir)
+
+
 def _progress_bar(label: str):
     """A progress(done, total) callback drawing a bar on stderr."""
     state = {}
@@ -209,6 +218,10 @@ check_encoder_option = click.option(
 )
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
                              help="Output format; json is JSON Lines.")
+html_option = click.option(
+    "--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+    help="Also write a contact sheet: one self-contained HTML page with each image beside its "
+         "neighbours (thumbnails embedded).")
 images_argument = click.argument("images", nargs=-1, required=True,
                                  type=click.Path(exists=True, dir_okay=False))
 
@@ -573,15 +586,19 @@ def verify(ctx, index_dir, repair):
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
 @format_option
+@html_option
 @click.pass_context
-def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt):
+def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats, fmt,
+          html_path):
     """Find the indexed images most similar to each of IMAGES.
 
     \b
     Examples:
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
+      imgsearch query *.jpg --index my-index --html sheet.html
     """
+    html_path = _html_target(html_path, index_dir)
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
@@ -590,6 +607,11 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
         if k > idx.store.count:
             _warn(f"k={k} but the index holds {idx.store.count} images")
         results = idx.query(list(images), k=k, include_self=include_self)
+    if html_path:
+        from .sheets import write_page
+        from .sheets.contact import query_sheet
+
+        write_page(html_path, query_sheet(results, idx))
     if fmt == "json":
         for result in results:
             click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
@@ -627,21 +649,29 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @precision_option(READ_PRECISION_HELP)
 @image_formats_option
 @format_option
+@html_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, image_formats, fmt):
+             precision, image_formats, fmt, html_path):
     """Label each of IMAGES by a vote of its k nearest labelled neighbours.
 
     \b
     Examples:
       imgsearch classify new.jpg --index my-index
       imgsearch classify *.jpg --index my-index -k 10 --vote majority --format csv
+      imgsearch classify *.jpg --index my-index --html labels.html
     """
+    html_path = _html_target(html_path, index_dir)
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
         results = idx.classify(list(images), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method)
+    if html_path:
+        from .sheets import write_page
+        from .sheets.contact import classify_sheet
+
+        write_page(html_path, classify_sheet(results, idx))
     if fmt == "json":
         for r in results:
             click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
