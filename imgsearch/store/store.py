@@ -832,6 +832,20 @@ class Store:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         return self.backend.search(queries, k)
 
+    def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every vector loaded when this store was opened whose cosine with
+        a query (normalised) is at least ``threshold``: per query, scores
+        and ids, best first.  Exact unless an approximate index answers
+        (see :meth:`VectorBackend.range_search`)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.count == 0:
+            return [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in range(len(queries))]
+        return self.backend.range_search(queries, float(threshold))
+
+    def ids(self) -> np.ndarray:
+        """Every image's id, ascending."""
+        return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
+
     def _search_rows(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         if min(int(k), self.count) <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))]
@@ -1115,6 +1129,34 @@ class LocalBackend(backends.VectorBackend):
             ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
         best, best_ids = top_k(np.hstack(scores), np.hstack(ids), k)
         return pad(best, best_ids, k)
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact over segments searched exactly: every live row at or above
+        the threshold, whatever their number.  An approximate index over
+        the merged part answers through its tuned k-nearest search instead
+        (the default's growing k), which re-ranks with the exact vectors."""
+        view = self.store._view
+        if view.ann is not None:
+            return super().range_search(queries, threshold)
+        exact_bytes = sum(s.info.bytes for s in view.segments)
+        pieces: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
+        for segment in view.segments:
+            if not segment.live:
+                continue
+            for start, ids, block in segment.pieces(mapped=exact_bytes <= MAP_SEARCH_BYTES):
+                scores = queries @ block.T
+                scores[:, segment.dead[start:start + len(block)]] = -np.inf
+                rows, cols = np.nonzero(scores >= threshold)  # in row order
+                starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else rows
+                for row, mine in zip(rows[starts], np.split(cols, starts[1:])):
+                    pieces[row].append((scores[row, mine], ids[mine]))
+        found = []
+        for parts in pieces:
+            scores = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.float32)
+            ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+            order = np.lexsort((ids, -scores))
+            found.append((scores[order], ids[order]))
+        return found
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         out = np.zeros((len(ids), self.store.dim), np.float32)
