@@ -876,6 +876,63 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
 
 @main.command()
 @index_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="COS",
+              help="Cosine similarity at or above which two images are near-duplicates (default 0.9).")
+@format_option
+@html_option
+@click.pass_context
+def dupes(ctx, index_dir, threshold, fmt, html_path):
+    """Find groups of near-duplicate images in an index.
+
+    Resized, recompressed, slightly cropped or mirrored versions of one
+    photo land in one group, found by a range search of the index against
+    itself; identical files (stored once) are listed as exact copies.
+
+    \b
+    Examples:
+      imgsearch dupes --index my-index
+      imgsearch dupes --index my-index --threshold 0.95 --format csv > dupes.csv
+      imgsearch dupes --index my-index --html dupes.html
+    """
+    from . import dupes as duplicates
+
+    threshold = duplicates.DEFAULT_THRESHOLD if threshold is None else threshold
+    html_path = _html_target(html_path, index_dir)
+    with _open(ctx, index_dir) as idx:
+        _warn_if_random(idx)
+        groups = duplicates.find(idx.store, threshold, progress=_progress_bar("searching"))
+    click.echo(f"{len(groups)} groups, {sum(g.size for g in groups)} paths in them, at cosine >= {threshold:g}",
+               err=True)
+    if html_path:
+        from .sheets import write_page
+        from .sheets.groups import dupes_page
+
+        write_page(html_path, dupes_page(groups, idx, threshold))
+    if fmt == "json":
+        for number, group in enumerate(groups, start=1):
+            click.echo(json.dumps({"group": number, "size": group.size, "images": [
+                {"path": m.entry.path, "label": m.entry.label, "score": round(m.score, 6),
+                 "width": m.entry.width, "height": m.entry.height, "copies": list(m.copies)}
+                for m in group.members]}))
+    elif fmt == "csv":
+        out = _csv_writer()
+        out.writerow(["group", "path", "label", "score", "copy_of"])
+        for number, group in enumerate(groups, start=1):
+            for m in group.members:
+                out.writerow([number, m.entry.path, m.entry.label or "", f"{m.score:.6f}", ""])
+                out.writerows([number, copy, m.entry.label or "", f"{1:.6f}", m.entry.path] for copy in m.copies)
+    else:
+        rows = []
+        for number, group in enumerate(groups, start=1):
+            for m in group.members:
+                rows.append([number, f"{m.score:.4f}", m.entry.label or "", m.entry.path])
+                rows += [[number, "copy", m.entry.label or "", copy] for copy in m.copies]
+        if rows:
+            click.echo(_table(rows, ["group", "score", "label", "path"]))
+
+
+@main.command()
+@index_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.pass_context
 def info(ctx, index_dir, fmt):
