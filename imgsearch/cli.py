@@ -720,7 +720,8 @@ def _k_list(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: JSON Lines, one object per evaluated setting.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
-              help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
+              help="Write predictions, confusion matrices (CSV and PNG), metrics and a page of them "
+                   "(index.html) here.")
 @runtime_option
 @precision_option(READ_PRECISION_HELP + " Used for --test images.")
 @click.pass_context
@@ -759,6 +760,8 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
             labels=read_labels_csv(labels_csv) if labels_csv else None,
             votes=("weighted", "majority") if votes == "both" else (votes,),
             temperature=temperature, seed=seed, progress=_progress_bar("embedding test images"))
+        # Inside: the page looks up the neighbours' paths in the index.
+        written = write_report(result, report_dir, idx.store.entries_by_id) if report_dir else None
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     for skip in result.skipped:
@@ -770,8 +773,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     else:
         click.echo(format_table(result))
     if report_dir:
-        written = write_report(result, report_dir)
-        click.echo(f"report: {len(written)} files in {report_dir}", err=True)
+        click.echo(f"report: {len(written)} files in {report_dir} (open index.html)", err=True)
 
 
 @main.command("train-classifier")

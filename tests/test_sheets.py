@@ -109,3 +109,47 @@ def test_bad_html_paths_fail_before_any_work(index_dir, tmp_path):
     assert not (index_dir / "sheet.html").exists()
     result = run("classify", QUERIES[0], "--index", index_dir, "--html", index_dir / "x.html", code=2)
     assert "inside the index folder" in result.stderr
+
+
+def test_evaluation_page_shows_metrics_matrix_and_who_outvoted_whom(index_dir, tmp_path):
+    import csv
+
+    report = tmp_path / "report"
+    run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1,5", "--report", report)
+    metrics = json.loads((report / "metrics.json").read_text())
+    raw = (report / "index.html").read_text(encoding="utf-8")
+    page = Page(raw)
+    for tag, attrs in page.elements:  # thumbnails embedded; links only to the report's own files
+        assert not attrs.get("src", "data:image/").startswith(("http", "/", "file")) and tag != "script"
+        if "href" in attrs:
+            assert (report / attrs["href"]).is_file()
+    shown = {r["data-setting"]: float(r["data-top1"]) for r in page.tagged("tr", **{"data-setting": ""})}
+    assert shown == {f"knn-k{s['k']}-{s['vote']}": s["top1"] for s in metrics["settings"]}
+    best = max(metrics["settings"], key=lambda s: s["top1"])
+    name = f"knn-k{best['k']}-weighted"
+    with open(report / f"confusion-{name}.csv", newline="") as handle:
+        matrix = [[int(c) for c in row[1:]] for row in list(csv.reader(handle))[1:]]
+    cells = [int(t) for t in " ".join(page.text).split("Confusion matrix")[1].split("Per class")[0].split()
+             if t.isdigit()]
+    assert cells == [c for row in matrix for c in row]
+    # The confusions: each image shown is one of those misclassified that
+    # way, and its red tiles are the neighbours (of the k that voted)
+    # carrying the winning label, with their cosines.
+    with open(report / "predictions.csv", newline="") as handle:
+        predicted = {r["path"]: (r["label"], r[name]) for r in csv.DictReader(handle)}
+    sections = [(t, a) for t, a in page.elements if t == "section" or (t == "figure" and "winner" in a["class"])]
+    examples, current = {}, None
+    for tag, attrs in sections:
+        if tag == "section":
+            current = attrs["data-image"]
+            assert predicted[current] == (attrs["data-true"], attrs["data-predicted"]) and attrs["data-true"] != attrs["data-predicted"]
+            examples[current] = []
+        else:
+            examples[current].append((attrs["data-path"], float(attrs["data-score"]), attrs["data-label"]))
+    wrong = sum(1 for label, guess in predicted.values() if label != guess)
+    assert wrong and examples and len(examples) <= wrong
+    for image, winners in examples.items():
+        near = json.loads(run("query", image, "--index", index_dir, "-k", best["k"], "--format", "json").stdout)
+        expected = [(h["path"], h["score"], h["label"]) for h in near["results"]
+                    if h["label"] == predicted[image][1]]
+        assert [(p, round(s, 6), label) for p, s, label in winners] == expected and expected
