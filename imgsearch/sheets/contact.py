@@ -24,7 +24,7 @@ def _page(title: str, rows: list[dict], index, thumbnails: Thumbnails | None) ->
 
 def query_sheet(results, index, thumbnails: Thumbnails | None = None) -> str:
     """A page of :meth:`Index.query` results."""
-    rows = [{"query": r.query, "label": None, "confidence": None, "verdict": "query",
+    rows = [{"query": r.query, "label": None, "confidence": None, "verdict": None,
              "hits": _hits(r.hits)} for r in results]
     return _page("imgsearch query", rows, index, thumbnails)
 
@@ -33,7 +33,7 @@ def classify_sheet(results, index, thumbnails: Thumbnails | None = None) -> str:
     """A page of :meth:`Index.classify` results: each image's label and
     confidence, beside the neighbours that voted."""
     rows = [{"query": r.path, "label": r.label, "confidence": round(r.confidence, 6),
-             "verdict": f"{'(no label)' if r.label is None else 'label'}, confidence {r.confidence:.3f}",
+             "verdict": "no labelled neighbours" if r.label is None else f"confidence {r.confidence:.3f}",
              "hits": _hits(r.neighbours)} for r in results]
     return _page("imgsearch classify", rows, index, thumbnails)
 

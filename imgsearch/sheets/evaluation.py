@@ -56,7 +56,8 @@ def evaluation_page(evaluation, entries_by_id, files, *, examples: int = EXAMPLE
     knn = [s for s in evaluation.scores if s.method == "knn"]
     best_knn = max(knn, key=lambda s: s.top1) if knn else None
     peak = int(best.confusion.max(initial=0))
-    matrix = [[{"count": int(c), "colour": _shade(int(c), peak, i == j)} for j, c in enumerate(row)]
+    matrix = [[{"count": int(c), "colour": _shade(int(c), peak, i == j),
+                "ink": "white" if c > 0.6 * peak else "black"} for j, c in enumerate(row)]
               for i, row in enumerate(best.confusion)]
     settings = [{"name": s.name, "best": s is best, **s.summary(),
                  "precision_at_k": s.retrieval.get(f"precision@{s.k}") if s.k else None,
