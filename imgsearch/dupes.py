@@ -9,7 +9,7 @@ it as exact copies, and an image with aliases alone forms a group too.
 A group is what single linkage makes of the pairs found: every member is
 within the threshold of at least one other member.  Each member's score is
 its cosine to the group's first member, the one with the most pixels (the
-likely original).
+likely original); the others follow, closest first.
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def find(store: Store, threshold: float = DEFAULT_THRESHOLD, *, progress=None) -
             # The most pixels first (the likely original), then the lowest id.
             ids = sorted(ids, key=lambda i: (-entries[i].width * entries[i].height, i))
             vectors = store.vectors(ids)
-            scores = vectors @ vectors[0]
-            groups.append(Group(tuple(
-                Member(entries[i], 1.0 if n == 0 else float(min(1.0, s)), tuple(sorted(copies.get(i, ()))))
-                for n, (i, s) in enumerate(zip(ids, scores)))))
+            scores = [1.0] + [float(min(1.0, s)) for s in vectors[1:] @ vectors[0]]
+            # Then the closest to it first.
+            order = [0] + sorted(range(1, len(ids)), key=lambda n: (-scores[n], ids[n]))
+            groups.append(Group(tuple(Member(entries[ids[n]], scores[n], tuple(sorted(copies.get(ids[n], ()))))
+                                      for n in order)))
     groups.sort(key=lambda g: (-g.size, g.members[0].entry.path))
     return groups
