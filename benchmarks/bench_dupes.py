@@ -32,7 +32,7 @@ Quality, on real photos (efficientnet-lite0 with its ImageNet weights):
    brute-force numpy over the stored vectors.
 
 Timing, on --vectors synthetic 1280-d vectors (efficientnet-lite0's width;
-the clustered generator of bench_scale.py) with 1,000 planted copies at
+the clustered generator of bench_scale.py) with 500 planted copies at
 cosine 0.93 to 0.99: the range search of every vector over the index as
 committed (segments searched exactly: the reference) and after `optimize`
 with the automatic type (ivf-sq8 at 100,000), with the share of the exact
@@ -304,7 +304,7 @@ def timing(work: Path, count: int, seed: int) -> None:
     from imgsearch import dupes
     from imgsearch.store import Changes, Entry, Store, optimize
 
-    dim, planted = 1280, 1000
+    dim, planted = 1280, 1000  # the first 1,000 vectors: 500 and a copy of each
     mixture = Mixture(dim=dim, seed=seed)
     rng = np.random.default_rng(seed)
     index = work / "synthetic-ix"
