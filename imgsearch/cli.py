@@ -742,6 +742,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     """
     from .evaluation import evaluate as run_evaluation
     from .index import read_labels_csv
+    from .report import check_folder as check_report_folder
     from .report import format_table, write_report
 
     chosen = [bool(test_paths), cv_folds is not None, leave_one_out]
@@ -753,6 +754,8 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
         raise click.UsageError("--precision and --runtime embed the --test images; --cv and "
                                "--leave-one-out use the vectors already in the index")
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
+    if report_dir:
+        check_report_folder(report_dir, index_dir)
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
         result = run_evaluation(

@@ -10,6 +10,28 @@ from .evaluation import Evaluation, Scores
 from .tables import columns
 
 
+def check_folder(folder, index_dir) -> None:
+    """Refuse a report folder that could not be written, before the
+    evaluation runs: a file, a place inside the index folder, or one
+    under a folder this user cannot write to."""
+    import os
+
+    from .errors import UsageError
+
+    target = Path(os.path.abspath(folder))
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--report {folder} is a file; give a folder")
+    index = os.path.realpath(index_dir)
+    real = os.path.realpath(target)
+    if real == index or real.startswith(index.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--report {folder} is inside the index folder; choose another place")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--report {folder}: cannot write in {existing}")
+
+
 def write_report(evaluation: Evaluation, folder, entries_by_id=None) -> list[Path]:
     """predictions.csv, metrics.json, and confusion-<setting>.csv/.png for
     every evaluated setting; with ``entries_by_id`` (ids -> {id: Entry} of

@@ -153,3 +153,12 @@ def test_evaluation_page_shows_metrics_matrix_and_who_outvoted_whom(index_dir, t
         expected = [(h["path"], h["score"], h["label"]) for h in near["results"]
                     if h["label"] == predicted[image][1]]
         assert [(p, round(s, 6), label) for p, s, label in winners] == expected and expected
+
+
+def test_bad_report_folders_fail_before_the_evaluation(index_dir, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, message in ((a_file, "is a file"), (index_dir / "report", "inside the index folder")):
+        result = run("evaluate", "--index", index_dir, "--leave-one-out", "--report", target, code=2)
+        assert message in result.stderr and "top1" not in result.stdout
+    assert a_file.read_text() == "x" and not (index_dir / "report").exists()
