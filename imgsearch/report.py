@@ -17,13 +17,12 @@ def check_folder(folder, index_dir) -> None:
     import os
 
     from .errors import UsageError
+    from .sheets import inside
 
     target = Path(os.path.abspath(folder))
     if target.exists() and not target.is_dir():
         raise UsageError(f"--report {folder} is a file; give a folder")
-    index = os.path.realpath(index_dir)
-    real = os.path.realpath(target)
-    if real == index or real.startswith(index.rstrip(os.sep) + os.sep):
+    if inside(target, index_dir):
         raise UsageError(f"--report {folder} is inside the index folder; choose another place")
     existing = target
     while not existing.exists():

@@ -45,12 +45,16 @@ def check_output(path, index_dir=None) -> Path:
         raise UsageError(f"--html {path}: folder {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--html {path}: permission denied")
-    if index_dir is not None:
-        index = os.path.realpath(index_dir)
-        real = os.path.realpath(target)
-        if real == index or real.startswith(index.rstrip(os.sep) + os.sep):
-            raise UsageError(f"--html {path} is inside the index folder; choose another place")
+    if index_dir is not None and inside(target, index_dir):
+        raise UsageError(f"--html {path} is inside the index folder; choose another place")
     return target
+
+
+def inside(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (links resolved):
+    output never goes into an index folder."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def write_page(path, page: str) -> Path:
