@@ -77,16 +77,36 @@ def test_range_search_groups_larger_than_the_first_k(tmp_path):
     store.close()
 
 
-def test_range_search_through_an_approximate_index(tmp_path):
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-pq", "hnsw"])
+def test_range_search_through_an_approximate_index(tmp_path, kind):
+    # IVF types answer with FAISS's range search (coded scores, then exact
+    # ones), HNSW through its k-nearest search; a later segment, searched
+    # exactly, and removed vectors take part as in any search.
     rng = np.random.default_rng(2)
     vectors = _planted(rng, originals=6000, copies=600)
-    store = _store(tmp_path / "ix", vectors, per_commit=2000)
-    optimize(store, index_type="ivf-sq8", target_recall=0.95)
-    assert store.ann is not None
+    vectors = vectors[rng.permutation(len(vectors))]  # copies in both parts
+    store = _store(tmp_path / "ix", vectors[:6000], per_commit=2000)
+    optimize(store, index_type=kind, target_recall=0.95)
+    assert store.ann is not None and store.ann.type == kind
+    tail = _store_rest(store, vectors, 6000)
+    removed = [int(i) for i in rng.choice(np.arange(1, 6001), 300, replace=False)]
+    store.commit(Changes(removed=removed))
     ids = store.ids()
-    found = store.range_search(vectors[ids - 1], 0.9)
-    expected = _brute_force(vectors[ids - 1], ids, 0.9)
-    got = _pairs(found, ids)
-    assert got <= expected  # scores are exact: nothing below the threshold
-    assert len(got) / len(expected) >= 0.98
+    assert len(ids) == len(vectors) - 300 and tail
+    for threshold in (0.9, 0.96):
+        found = store.range_search(vectors[ids - 1], threshold)
+        expected = _brute_force(vectors[ids - 1], ids, threshold)
+        got = _pairs(found, ids)
+        assert got <= expected  # scores are exact: nothing below the threshold
+        assert len(got) / len(expected) >= 0.98
+        for (scores, found_ids), row in zip(found, vectors[ids - 1]):
+            np.testing.assert_allclose(scores, vectors[found_ids - 1] @ row, rtol=1e-5)
     store.close()
+
+
+def _store_rest(store, vectors, start):
+    """Commit vectors[start:] as one more (exact) segment."""
+    entries = [Entry(start + i + 1, f"/v/{start + i}.jpg", f"sha{start + i}", 1, 1.0, None, 1, 1)
+               for i in range(len(vectors) - start)]
+    store.commit(Changes(added=entries, vectors=list(vectors[start:])))
+    return len(entries)

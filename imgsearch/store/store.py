@@ -1133,15 +1133,22 @@ class LocalBackend(backends.VectorBackend):
     def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """Exact over segments searched exactly: every live row at or above
         the threshold, whatever their number.  An approximate index over
-        the merged part answers through its tuned k-nearest search instead
-        (the default's growing k), which re-ranks with the exact vectors."""
+        the merged part answers with its own range search (ivf-sq8, see
+        :meth:`.ann.AnnIndex.range_search`) or else through its tuned
+        k-nearest search (the default's growing k); scores are exact."""
         view = self.store._view
-        if view.ann is not None:
-            return super().range_search(queries, threshold)
-        exact_bytes = sum(s.info.bytes for s in view.segments)
+        approximate = view.ann is not None
+        exact_bytes = sum(s.info.bytes for s in view.segments[int(approximate):])
         pieces: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
-        for segment in view.segments:
+        for number, segment in enumerate(view.segments):
             if not segment.live:
+                continue
+            if number == 0 and approximate:
+                found = view.ann.range_search(queries, threshold)
+                if found is None:
+                    return super().range_search(queries, threshold)
+                for row, (scores, rows) in enumerate(found):
+                    pieces[row].append((scores, segment.ids[rows]))
                 continue
             for start, ids, block in segment.pieces(mapped=exact_bytes <= MAP_SEARCH_BYTES):
                 scores = queries @ block.T
