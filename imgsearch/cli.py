@@ -884,7 +884,8 @@ def serve_vectorizer(ctx, encoder, weights, runtime, precision, calibration_path
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="COS",
               help="Cosine similarity at or above which two images are near-duplicates (default 0.9).")
 @format_option
-@html_option
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write one self-contained HTML page of the groups (thumbnails embedded).")
 @click.pass_context
 def dupes(ctx, index_dir, threshold, fmt, html_path):
     """Find groups of near-duplicate images in an index.

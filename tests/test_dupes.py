@@ -118,3 +118,5 @@ def test_a_higher_threshold_finds_fewer_and_bad_thresholds_are_refused(planted):
         run("dupes", "--index", index, "--threshold", bad, code=2)
     with pytest.raises(Exception, match="threshold"):
         dupes.check_threshold(0)
+    # The help states the default the library uses.
+    assert f"(default {dupes.DEFAULT_THRESHOLD:g})" in " ".join(run("dupes", "-h").stdout.split())
