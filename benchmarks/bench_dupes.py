@@ -12,7 +12,7 @@ Quality, on real photos (efficientnet-lite0 with its ImageNet weights):
    photos of each planted original become its distractors (distinct but
    similar pictures, mostly of the same class and scene type), and so do
    all val photos that already reach cosine 0.9 with another one (golf
-   balls on grass, one portrait taken twice), split between the corpora;
+   balls, one portrait taken twice), split between the corpora;
    nobody planted those, so grouping them counts as a false positive.
 2. Builds two disjoint corpora (tuning and test) from val photos.  Each
    photo is upscaled 3x to 672 px (imagenette's photos are 224 px, smaller
@@ -211,8 +211,8 @@ def quality(imagenette: Path, work: Path, planted: int, others: int, seed: int, 
         ids = store.ids()
         entries = store.entries_by_id(ids)
         by_stem = {Path(e.path).stem: e for e in entries.values()}
-        # Distinct val photos that already reach cosine 0.9 (golf balls on
-        # grass, a portrait taken twice): the hardest distractors there are.
+        # Distinct val photos that already reach cosine 0.9 (golf balls, a
+        # portrait taken twice): the hardest distractors there are.
         # Nobody planted them, so grouping them counts against precision.
         twins = dupes.pairs(store, 0.9)
         print(f"imagenette val: {len(twins)} pairs of distinct photos at cosine >= 0.9; they go into the "
