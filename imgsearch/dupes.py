@@ -78,6 +78,11 @@ def check_threshold(threshold: float) -> float:
 def pairs(store: Store, threshold: float, *, batch: int = BATCH, progress=None):
     """Every pair of distinct images ``(id, id, cosine)`` with cosine at
     least ``threshold``, each once (smaller id first)."""
+    with store.reading():  # ids and vectors of one commit
+        return _pairs(store, check_threshold(threshold), batch, progress)
+
+
+def _pairs(store: Store, threshold: float, batch: int, progress):
     ids = store.ids()
     found = []
     for start in range(0, len(ids), batch):
@@ -95,7 +100,7 @@ def find(store: Store, threshold: float = DEFAULT_THRESHOLD, *, progress=None) -
     threshold = check_threshold(threshold)
     with store.reading():  # ids, vectors and aliases of one commit
         components = _Components()
-        for a, b, _ in pairs(store, threshold, progress=progress):
+        for a, b, _ in _pairs(store, threshold, BATCH, progress):
             components.union(a, b)
         copies: dict[int, list[str]] = {}
         for alias in store.aliases():
