@@ -212,6 +212,15 @@ def _end_open_bars() -> None:
         click.echo(err=True)
 
 
+def _html_target(path, index_dir):
+    """An --html page path, checked before any work (None when not asked)."""
+    if path is None:
+        return None
+    from .outputs import check_output_file
+
+    return check_output_file(path, "--html", index_dir)
+
+
 def _progress_bar(label: str):
     """A progress(done, total) callback drawing a bar on stderr."""
     state = {}
@@ -304,6 +313,10 @@ check_encoder_option = click.option(
 )
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
                              help="Output format; json is JSON Lines.")
+html_option = click.option(
+    "--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+    help="Also write a contact sheet: one self-contained HTML page with each image beside its "
+         "neighbours (thumbnails embedded).")
 images_argument = click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 
 
@@ -720,9 +733,10 @@ def verify(ctx, index_dir, repair):
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "paths"]), default="table",
               show_default=True, help="Output format; json is JSON Lines; paths prints the neighbours' paths "
                                       "alone, one a line, for other tools.")
+@html_option
 @click.pass_context
 def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, precision, image_formats,
-          max_megapixels, min_score, only_label, fmt):
+          max_megapixels, min_score, only_label, fmt, html_path):
     """Find the indexed images most similar to each of IMAGES (files, or
     folders of them).
 
@@ -731,7 +745,9 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
       imgsearch query photo.jpg --index my-index -k 5
       imgsearch query a.jpg b.jpg --index my-index --format json
       imgsearch query new-photos/ --index my-index --min-score 0.8 --label beach --format paths
+      imgsearch query *.jpg --index my-index --html sheet.html
     """
+    html_path = _html_target(html_path, index_dir)
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
@@ -744,6 +760,11 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
             _warn(f"no indexed image has the label {only_label!r}")
         results = idx.query(_image_files(images, image_formats), k=k, include_self=include_self,
                             min_score=min_score, label=only_label, progress=_progress_bar("embedding"))
+    if html_path:
+        from .sheets import write_page
+        from .sheets.contact import query_sheet
+
+        write_page(html_path, query_sheet(results, idx))
     if fmt == "paths":
         for result in results:
             for hit in result.hits:
@@ -787,9 +808,10 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
 @image_formats_option
 @max_megapixels_option(100.0, "Refuse larger images")
 @format_option
+@html_option
 @click.pass_context
 def classify(ctx, images, index_dir, k, vote, temperature, include_self, method, encoder, weights, runtime,
-             precision, image_formats, max_megapixels, fmt):
+             precision, image_formats, max_megapixels, fmt, html_path):
     """Label each of IMAGES (files, or folders of them) by a vote of its k
     nearest labelled neighbours.
 
@@ -797,13 +819,20 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
     Examples:
       imgsearch classify new.jpg --index my-index
       imgsearch classify *.jpg --index my-index -k 10 --vote majority --format csv
+      imgsearch classify *.jpg --index my-index --html labels.html
     """
+    html_path = _html_target(html_path, index_dir)
     with _open(ctx, index_dir, encoder, weights, runtime, precision) as idx:
         _warn_if_random(idx)
         idx.formats = image_formats or idx.formats
         idx.max_megapixels = max_megapixels
         results = idx.classify(_image_files(images, image_formats), k=k, vote=vote, temperature=temperature,
                                include_self=include_self, method=method, progress=_progress_bar("classifying"))
+    if html_path:
+        from .sheets import write_page
+        from .sheets.contact import classify_sheet
+
+        write_page(html_path, classify_sheet(results, idx))
     if fmt == "json":
         for r in results:
             click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
@@ -854,7 +883,8 @@ def _k_list(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: JSON Lines, one object per evaluated setting.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
-              help="Write predictions, confusion matrices (CSV and PNG) and metrics here.")
+              help="Write predictions, confusion matrices (CSV and PNG), metrics and a page of them "
+                   "(index.html) here.")
 @runtime_option
 @precision_option(READ_PRECISION_HELP + " Used for --test images.")
 @max_megapixels_option(100.0, "Skip larger --test images")
@@ -889,7 +919,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     if report_dir:
         from .outputs import check_output_folder
 
-        check_output_folder(report_dir, "--report")
+        check_output_folder(report_dir, "--report", index_dir)
     mode = "held-out" if test_paths else "cv" if cv_folds is not None else "leave-one-out"
     with _open(ctx, index_dir, runtime=runtime, precision=precision) as idx:
         _warn_if_random(idx)
@@ -902,6 +932,12 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
             labels=read_labels_csv(labels_csv) if labels_csv else None,
             votes=("weighted", "majority") if votes == "both" else (votes,),
             temperature=temperature, seed=seed, progress=_progress_bar("embedding test images"))
+        if report_dir:
+            # Inside: the page looks up the neighbours' paths in the index.
+            try:
+                written = write_report(result, report_dir, idx.store.entries_by_id)
+            except OSError as exc:  # a full disk, or the folder changed since it was checked
+                raise _Failure(f"cannot write the report in {report_dir}: {exc.strerror or exc}", 1) from None
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     for skip in result.skipped:
@@ -913,11 +949,7 @@ def evaluate(ctx, index_dir, test_paths, cv_folds, leave_one_out, labels_csv, ks
     else:
         click.echo(format_table(result))
     if report_dir:
-        try:
-            written = write_report(result, report_dir)
-        except OSError as exc:  # a full disk, or the folder changed since it was checked
-            raise _Failure(f"cannot write the report in {report_dir}: {exc.strerror or exc}", 1) from None
-        click.echo(f"report: {len(written)} files in {report_dir}", err=True)
+        click.echo(f"report: {len(written)} files in {report_dir} (open index.html)", err=True)
 
 
 @main.command("train-classifier")
@@ -1087,6 +1119,64 @@ def serve(ctx, index_dir, host, port, max_upload_mb, max_megapixels, image_forma
         run(idx, host, port, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_megapixels=max_megapixels,
             formats=image_formats or DEFAULT_FORMATS, max_decode_bytes=int(max_decode_mb * 1024 * 1024),
             max_connections=max_connections, read_timeout_s=read_timeout)
+
+
+@main.command()
+@index_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="COS",
+              help="Cosine similarity at or above which two images are near-duplicates (default 0.9).")
+@format_option
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write one self-contained HTML page of the groups (thumbnails embedded).")
+@click.pass_context
+def dupes(ctx, index_dir, threshold, fmt, html_path):
+    """Find groups of near-duplicate images in an index.
+
+    Resized, recompressed, slightly cropped or mirrored versions of one
+    photo land in one group, found by a range search of the index against
+    itself; identical files (stored once) are listed as exact copies.
+
+    \b
+    Examples:
+      imgsearch dupes --index my-index
+      imgsearch dupes --index my-index --threshold 0.95 --format csv > dupes.csv
+      imgsearch dupes --index my-index --html dupes.html
+    """
+    from . import dupes as duplicates
+
+    threshold = duplicates.DEFAULT_THRESHOLD if threshold is None else threshold
+    html_path = _html_target(html_path, index_dir)
+    with _open(ctx, index_dir) as idx:
+        _warn_if_random(idx)
+        groups = duplicates.find(idx.store, threshold, progress=_progress_bar("searching"))
+    click.echo(f"{len(groups)} groups, {sum(g.size for g in groups)} paths in them, at cosine >= {threshold:g}",
+               err=True)
+    if html_path:
+        from .sheets import write_page
+        from .sheets.groups import dupes_page
+
+        write_page(html_path, dupes_page(groups, idx, threshold))
+    if fmt == "json":
+        for number, group in enumerate(groups, start=1):
+            click.echo(json.dumps({"group": number, "size": group.size, "images": [
+                {"path": m.entry.path, "label": m.entry.label, "score": round(m.score, 6),
+                 "width": m.entry.width, "height": m.entry.height, "copies": list(m.copies)}
+                for m in group.members]}))
+    elif fmt == "csv":
+        out = _csv_writer()
+        out.writerow(["group", "path", "label", "score", "copy_of"])
+        for number, group in enumerate(groups, start=1):
+            for m in group.members:
+                out.writerow([number, m.entry.path, m.entry.label or "", f"{m.score:.6f}", ""])
+                out.writerows([number, copy, m.entry.label or "", f"{1:.6f}", m.entry.path] for copy in m.copies)
+    else:
+        rows = []
+        for number, group in enumerate(groups, start=1):
+            for m in group.members:
+                rows.append([number, f"{m.score:.4f}", m.entry.label or "", m.entry.path])
+                rows += [[number, "copy", m.entry.label or "", copy] for copy in m.copies]
+        if rows:
+            click.echo(_table(rows, ["group", "score", "label", "path"]))
 
 
 @main.command()

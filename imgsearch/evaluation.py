@@ -148,6 +148,10 @@ class Evaluation:
     skipped: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Each image's nearest indexed images (ids, best first) and their
+    # cosines, as the kNN settings saw them: the report shows who outvoted whom.
+    neighbour_ids: list[list[int]] = field(default_factory=list)
+    neighbour_scores: list[list[float]] = field(default_factory=list)
 
 
 def _neighbours(search, queries: np.ndarray, k: int, exclude: list[int] | None = None):
@@ -296,4 +300,5 @@ def evaluate(index, *, mode: str, test_paths=None, labels: dict[str, str] | None
                 notes.append(f"no linear classifier row: {exc}")
     near = sum(b is not None and b >= NEAR_DUPLICATE for b in best)
     name = f"cv-{folds}" if mode == "cv" else mode
-    return Evaluation(name, paths, truth, scores, near, skipped, notes, time.perf_counter() - started)
+    return Evaluation(name, paths, truth, scores, near, skipped, notes, time.perf_counter() - started,
+                      neighbour_ids, neighbour_scores)

@@ -12,9 +12,12 @@ from .evaluation import Evaluation, Scores
 from .tables import columns
 
 
-def write_report(evaluation: Evaluation, folder) -> list[Path]:
+def write_report(evaluation: Evaluation, folder, entries_by_id=None) -> list[Path]:
     """predictions.csv, metrics.json, and confusion-<setting>.csv/.png for
-    every evaluated setting.  Returns the files written."""
+    every evaluated setting; with ``entries_by_id`` (ids -> {id: Entry} of
+    the index evaluated against), also index.html, the page that shows
+    them with the images behind the most frequent confusions.  Returns the
+    files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -53,6 +56,11 @@ def write_report(evaluation: Evaluation, folder) -> list[Path]:
     }
     path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     written.append(path)
+    if entries_by_id is not None:
+        from .sheets import write_page
+        from .sheets.evaluation import evaluation_page
+
+        written.append(write_page(folder / "index.html", evaluation_page(evaluation, entries_by_id, written)))
     return written
 
 

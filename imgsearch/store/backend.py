@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "imgsearch.backends"
 HOOK_NAME = "register_backends"
 DEFAULT = "faiss"
+RANGE_FIRST_K = 16  # the first k a range search asks :meth:`VectorBackend.search` for
 
 
 @dataclass
@@ -143,6 +144,31 @@ class VectorBackend(ABC):
     @abstractmethod
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids``; KeyError names one that has none."""
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every stored vector whose inner product with a query reaches
+        ``threshold``: for each query, scores and ids, best first.
+
+        This default serves any backend through :meth:`search`: k nearest
+        with k doubled, for the queries whose k-th neighbour still reaches
+        the threshold, until none does.  Near-duplicate groups are small,
+        so nearly every query settles at the first k.  Its recall is that
+        of :meth:`search` (exact, or the approximate index's)."""
+        count = self.store.count
+        found: list[tuple[np.ndarray, np.ndarray]] = [None] * len(queries)  # type: ignore[list-item]
+        pending = np.arange(len(queries))
+        k = min(RANGE_FIRST_K, count)
+        while len(pending) and k > 0:
+            scores, ids = self.search(np.ascontiguousarray(queries[pending]), k)
+            settled = (k >= count) | (scores[:, -1] < threshold) | (ids[:, -1] < 0)
+            for row in np.flatnonzero(settled):
+                keep = (scores[row] >= threshold) & (ids[row] >= 0)
+                found[pending[row]] = (scores[row][keep], ids[row][keep])
+            pending = pending[~settled]
+            k = min(2 * k, count)
+        for row in pending:  # only with an empty backend
+            found[row] = (np.empty(0, np.float32), np.empty(0, np.int64))
+        return found
 
     # -- upkeep ---------------------------------------------------------------
     @abstractmethod

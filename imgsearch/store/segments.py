@@ -225,6 +225,16 @@ class Segment:
             self._map = np.ndarray((self.count, self.dim), dtype="<f4", buffer=whole, offset=self._base)
         return self._map
 
+    def pieces(self, mapped: bool = True):
+        """(start, ids, vectors) pieces of every row (dead ones too), through
+        the memory map or with plain reads (see :meth:`search`)."""
+        if not mapped:
+            yield from self.chunks()
+            return
+        vectors = self.mapped()
+        for start in range(0, self.count, _CHUNK_ROWS):
+            yield start, self.ids[start:start + _CHUNK_ROWS], vectors[start:start + _CHUNK_ROWS]
+
     def search(self, queries: np.ndarray, k: int, mapped: bool = True,
                skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner product over the live rows (those not in ``skip``,
@@ -236,12 +246,7 @@ class Segment:
         n = len(queries)
         best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
         best_rows = np.full((n, 0), -1, dtype=np.int64)
-        if mapped:
-            vectors = self.mapped()
-            pieces = ((start, None, vectors[start:start + _CHUNK_ROWS]) for start in range(0, self.count, _CHUNK_ROWS))
-        else:
-            pieces = self.chunks()
-        for start, _, block in pieces:
+        for start, _, block in self.pieces(mapped):
             scores = queries @ block.T
             dead = skip[start:start + len(block)]
             if dead.any():

@@ -935,6 +935,20 @@ class Store:
             return self.backend.search(queries, k)
         return self.backend.search_among(queries, k, among)
 
+    def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every vector loaded when this store was opened whose cosine with
+        a query (normalised) is at least ``threshold``: per query, scores
+        and ids, best first.  Exact unless an approximate index answers
+        (see :meth:`VectorBackend.range_search`)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.count == 0:
+            return [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in range(len(queries))]
+        return self.backend.range_search(queries, float(threshold))
+
+    def ids(self) -> np.ndarray:
+        """Every image's id, ascending."""
+        return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
+
     def labelled_ids(self) -> np.ndarray:
         """The ids of the labelled images, sorted."""
         rows = self._db.execute("SELECT id FROM images WHERE label IS NOT NULL ORDER BY id")
@@ -1236,6 +1250,41 @@ class LocalBackend(backends.VectorBackend):
             found_ids.append(np.where(rows >= 0, np.asarray(segment.ids)[np.maximum(rows, 0)], -1))
         best, best_ids = top_k(np.hstack(scores), np.hstack(found_ids), k)
         return pad(best, best_ids, k)
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact over segments searched exactly: every live row at or above
+        the threshold, whatever their number.  An approximate index over
+        the merged part answers with its own range search (ivf-sq8, see
+        :meth:`.ann.AnnIndex.range_search`) or else through its tuned
+        k-nearest search (the default's growing k); scores are exact."""
+        view = self.store._view
+        approximate = view.ann is not None
+        exact_bytes = sum(s.info.bytes for s in view.segments[int(approximate):])
+        pieces: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
+        for number, segment in enumerate(view.segments):
+            if not segment.live:
+                continue
+            if number == 0 and approximate:
+                found = view.ann.range_search(queries, threshold)
+                if found is None:
+                    return super().range_search(queries, threshold)
+                for row, (scores, rows) in enumerate(found):
+                    pieces[row].append((scores, segment.ids[rows]))
+                continue
+            for start, ids, block in segment.pieces(mapped=exact_bytes <= MAP_SEARCH_BYTES):
+                scores = queries @ block.T
+                scores[:, segment.dead[start:start + len(block)]] = -np.inf
+                rows, cols = np.nonzero(scores >= threshold)  # in row order
+                starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else rows
+                for row, mine in zip(rows[starts], np.split(cols, starts[1:])):
+                    pieces[row].append((scores[row, mine], ids[mine]))
+        found = []
+        for parts in pieces:
+            scores = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.float32)
+            ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+            order = np.lexsort((ids, -scores))
+            found.append((scores[order], ids[order]))
+        return found
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         out = np.zeros((len(ids), self.store.dim), np.float32)
