@@ -17,7 +17,7 @@ import sys
 import click
 
 from . import __version__
-from .results import hit_rows
+from .results import classification_json, hit_rows, query_json
 from .tables import columns
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -258,10 +258,6 @@ def _warn_if_random(index) -> None:
             f"index {index.store.directory} was built with random weights (--weights none); "
             "its results are meaningless"
         )
-
-
-# The JSON shape of hits is shared with the web API.
-_rows_of_hits = hit_rows
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -772,12 +768,12 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
         return
     if fmt == "json":
         for result in results:
-            click.echo(json.dumps({"query": result.query, "results": _rows_of_hits(result.hits)}))
+            click.echo(json.dumps(query_json(result)))
     elif fmt == "csv":
         out = _csv_writer()
         out.writerow(["query", "rank", "path", "score", "label"])
         for result in results:
-            for row in _rows_of_hits(result.hits):
+            for row in hit_rows(result.hits):
                 out.writerow([result.query, row["rank"], row["path"], f"{row['score']:.6f}", row["label"] or ""])
     else:
         for number, result in enumerate(results):
@@ -785,7 +781,7 @@ def query(ctx, images, index_dir, k, include_self, encoder, weights, runtime, pr
                 click.echo()
             click.echo(f"query: {result.query}")
             click.echo(_table(
-                [[r["rank"], f"{r['score']:.4f}", r["label"] or "", r["path"]] for r in _rows_of_hits(result.hits)],
+                [[r["rank"], f"{r['score']:.4f}", r["label"] or "", r["path"]] for r in hit_rows(result.hits)],
                 ["rank", "score", "label", "path"],
             ))
 
@@ -835,8 +831,7 @@ def classify(ctx, images, index_dir, k, vote, temperature, include_self, method,
         write_page(html_path, classify_sheet(results, idx))
     if fmt == "json":
         for r in results:
-            click.echo(json.dumps({"path": r.path, "label": r.label, "confidence": round(r.confidence, 6),
-                                   "neighbors": _rows_of_hits(r.neighbours)}))
+            click.echo(json.dumps(classification_json(r)))
     elif fmt == "csv":
         out = _csv_writer()
         out.writerow(["path", "label", "confidence", "nearest_path", "nearest_score", "nearest_label"])
