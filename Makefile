@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 # The editable install is made importable from any folder by a path file
 # (see scripts/source_path.py); setuptools' notice about exactly that
@@ -21,7 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	BIN=$(BIN) bash scripts/demo.sh
 
-test: $(STAMP)
+# Chromium for the browser test, where this machine allows (see the script).
+browser:
+	bash scripts/install_browser.sh
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
