@@ -191,7 +191,8 @@ index_option = click.option(
 )
 weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
-    help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
+    help="'imagenet' (default), a local weights file, or 'none' (random; tests only); for "
+         "--encoder saved-model the model: a .keras file, a SavedModel or TF-Hub folder, or a model spec .json.",
 )
 runtime_option = click.option(
     "--runtime", type=click.Choice(["auto", "openvino", "keras"]), default="auto", show_default=True,
@@ -315,7 +316,7 @@ def encoders(ctx, fmt):
             click.echo(json.dumps(row))
         return
     click.echo(_table(
-        [[r["name"], r["dim"], "yes" if r["weights_available"] else "no", ",".join(r["precisions"]),
+        [[r["name"], r["dim"] or "model's", "yes" if r["weights_available"] else "no", ",".join(r["precisions"]),
           r["description"]] for r in rows],
         ["name", "dim", "weights here", "precisions", "description"],
     ))
@@ -383,6 +384,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
     Examples:
       imgsearch index photos/ --index my-index
       imgsearch index train/ --index pets --encoder efficientnet-lite0
+      imgsearch index photos/ --index mine --encoder saved-model --weights my_model.json
       imgsearch index photos/ --index my-index --prune --errors skipped.csv
       imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
       imgsearch index photos/ --index my-index --backend milvus --milvus-uri http://localhost:19530

@@ -139,9 +139,11 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
         )
     if not weights:
         spec = recorded.get("weights", "")
-        # A recorded random or file spec is reused; otherwise (e.g. "imagenet")
-        # the encoder's default applies, which may point at a local copy.
-        if spec.lower() == "none" or Path(spec).expanduser().is_file():
+        # A recorded random or file spec is reused (or a model folder, which
+        # is recorded as an absolute path); otherwise (e.g. "imagenet") the
+        # encoder's default applies, which may point at a local copy.
+        if spec.lower() == "none" or Path(spec).expanduser().is_file() or (
+                Path(spec).is_absolute() and Path(spec).is_dir()):
             weights = spec
     encoder = registry.create(built_with, weights)
     if encoder.dim != store.dim or encoder.preprocessing.to_dict() != recorded.get("preprocessing"):
