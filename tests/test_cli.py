@@ -169,7 +169,7 @@ def test_errors_are_one_line_with_the_right_exit_code(tmp_path, index_dir):
     run("query", tmp_path / "missing.jpg", "--index", index_dir, code=2)
     run("classify", QUERY, "--index", index_dir, "--vote", "loudest", code=2)
     err = run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "new", "--encoder", "nope", code=2).stderr
-    assert "unknown encoder 'nope'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, tiny-color" in err
+    assert "unknown encoder 'nope'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, saved-model, tiny-color" in err
     assert not (tmp_path / "new").exists()
     err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--encoder", "resnet50", code=2).stderr
     assert "was built with encoder 'tiny-color', not 'resnet50'" in err
