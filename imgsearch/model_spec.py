@@ -136,17 +136,17 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """``sha256:`` of a ``.keras`` file; for a folder ``sha256-tree:`` of
-        the lines ``<sha256>  <relative path>`` of its files, sorted (what
-        ``find . -type f | sort | xargs sha256sum`` prints in the folder).
+        the lines ``<sha256>  ./<relative path>`` of its files in byte order
+        (what ``find . -type f | LC_ALL=C sort | xargs sha256sum`` prints
+        in the folder).
         A chosen endpoint or output is part of it: another one gives other
         vectors from the same files."""
         model = self.model
         if model.is_file():
             text = "sha256:" + sha256_file(model)
         else:
-            lines = []
-            for path in sorted(p for p in model.rglob("*") if p.is_file()):
-                lines.append(f"{sha256_file(path)}  ./{path.relative_to(model).as_posix()}\n")
+            names = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
+            lines = [f"{sha256_file(model / name)}  ./{name}\n" for name in names]
             text = "sha256-tree:" + hashlib.sha256("".join(lines).encode()).hexdigest()
         for key in ("endpoint", "output"):
             if getattr(self, key):
