@@ -187,3 +187,16 @@ def test_split_is_stratified_and_seeded():
     assert split(examples, 0.2, seed=1) != (train, held)
     with pytest.raises(UsageError):
         split(examples[:1] * 3, 0.2, seed=0)
+
+
+def test_the_cut_never_crosses_a_residual_branch():
+    from imgsearch.encoders import load_registry
+    from imgsearch.finetune import _base_model, _split_model
+
+    base = _base_model(load_registry().create("efficientnet-lite0"), 64)
+    bottom, top = _split_model(base, 5)
+    # The fifth layer from the top is block 14's projection, whose output is
+    # added to block 13's: the cut falls below that whole block.
+    assert top.layers[1].name == "_blocks.14._expand_conv"
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(top(bottom(pixels))), np.asarray(base(pixels)), atol=1e-5)
