@@ -244,12 +244,20 @@ def _split_model(model, unfreeze: int):
 
 
 def _head(keras, dim_in: int, classes: int, options: FinetuneOptions):
+    """Every random part seeded by its own seed: the same run gives the same
+    model without touching the process-wide random state."""
+    seed = options.seed * 10
+
+    def dense(units, name, offset, activation=None):
+        return keras.layers.Dense(units, activation=activation, name=name,
+                                  kernel_initializer=keras.initializers.GlorotUniform(seed=seed + offset))
+
     inputs = keras.Input((dim_in,))
-    x = keras.layers.Dropout(options.dropout, seed=options.seed)(inputs)
+    x = keras.layers.Dropout(options.dropout, seed=seed + 1)(inputs)
     if options.embedding_dim:
-        x = keras.layers.Dense(options.embedding_dim, activation="relu", name="embedding")(x)
-        x = keras.layers.Dropout(options.dropout, seed=options.seed + 1)(x)
-    logits = keras.layers.Dense(classes, name="classes")(x)
+        x = dense(options.embedding_dim, "embedding", 2, "relu")(x)
+        x = keras.layers.Dropout(options.dropout, seed=seed + 3)(x)
+    logits = dense(classes, "classes", 4)(x)
     return keras.Model(inputs, logits, name="head")
 
 
@@ -373,7 +381,6 @@ def finetune(encoder, examples: list[Example], out_dir, options: FinetuneOptions
     from .keras_support import import_keras
 
     keras = import_keras()
-    keras.utils.set_random_seed(options.seed)
     size = options.input_size or encoder.preprocessing.input_size
     prep = replace(encoder.preprocessing, input_size=size,
                    resize_to=round(encoder.preprocessing.resize_to * size / encoder.preprocessing.input_size))
