@@ -86,6 +86,9 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the data, models and indexes in this folder")
+    parser.add_argument("--settings", default="frozen,frozen-small,head,top",
+                        help="rows to measure: frozen (the base at its own size), frozen-small (the base "
+                             "unchanged at --input-size), head, top")
     args = parser.parse_args()
     if not (args.data / "train-images-idx3-ubyte.gz").is_file():
         print(f"Fashion-MNIST not found in {args.data}: apt-get install dataset-fashion-mnist", file=sys.stderr)
@@ -103,20 +106,30 @@ def main() -> int:
         print(f"Fashion-MNIST: {args.train_per_class * 10} training images (20% of them validation for "
               f"fine-tuning), {args.test_per_class * 10} test images; base {args.encoder}; "
               f"fine-tuning at {args.input_size} px", file=sys.stderr)
-        rows = [measure("frozen base", args.encoder, None, train, test, work, 0.0)]
-        print(rows[-1], file=sys.stderr)
+        wanted = args.settings.split(",")
+        rows = []
+        if "frozen" in wanted:
+            rows.append(measure("frozen base", args.encoder, None, train, test, work, 0.0))
+            print(rows[-1], file=sys.stderr)
         examples = examples_from_folders([train])
-        for name, unfreeze in (("head only", 0), (f"top {args.unfreeze} layers", args.unfreeze)):
-            options = FinetuneOptions(input_size=args.input_size, unfreeze=unfreeze, epochs=args.epochs,
-                                      finetune_epochs=args.finetune_epochs, seed=args.seed)
+        # frozen-small: no embedding layer, so the export is the base itself
+        # at the smaller size (its one head epoch changes nothing exported).
+        runs = {"frozen-small": (f"frozen base, {args.input_size} px", 0, 0, 1),
+                "head": ("head only", 0, 256, args.epochs),
+                "top": (f"top {args.unfreeze} layers", args.unfreeze, 256, args.epochs)}
+        for key in [k for k in runs if k in wanted]:
+            name, unfreeze, embedding_dim, epochs = runs[key]
+            options = FinetuneOptions(input_size=args.input_size, unfreeze=unfreeze, embedding_dim=embedding_dim,
+                                      epochs=epochs, finetune_epochs=args.finetune_epochs, seed=args.seed)
             encoder = load_registry().create(args.encoder)
             started = time.monotonic()
-            report = finetune(encoder, examples, work / f"model-{unfreeze}", options)
+            report = finetune(encoder, examples, work / f"model-{key}", options)
             seconds = time.monotonic() - started
             stages = ", ".join(f"{s.name}: {s.epochs_run} epochs, best {s.best_epoch} "
                                f"(val {s.val_accuracy:.4f}), {s.seconds:.0f} s" for s in report.stages)
             print(f"{name}: features {report.cache_seconds:.0f} s; {stages}", file=sys.stderr)
-            rows.append(measure(name, "saved-model", str(report.spec), train, test, work, seconds))
+            rows.append(measure(name, "saved-model", str(report.spec), train, test, work,
+                                0.0 if key == "frozen-small" else seconds))
             print(rows[-1], file=sys.stderr)
     finally:
         if not args.keep:
