@@ -80,10 +80,10 @@ def main() -> int:
     parser.add_argument("--test-per-class", type=int, default=200)
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--input-size", type=int, default=64, help="fine-tuning input size")
-    parser.add_argument("--unfreeze", type=int, default=25,
-                        help="top layers with weights to fine-tune (25: efficientnet-lite0's last 8 blocks and its head)")
+    parser.add_argument("--unfreeze", type=int, default=34,
+                        help="top layers with weights to fine-tune (34: efficientnet-lite0's last 11 blocks and its head)")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the data, models and indexes in this folder")
     parser.add_argument("--settings", default="frozen,frozen-small,head,top",
