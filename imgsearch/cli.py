@@ -291,7 +291,8 @@ index_option = click.option(
          "else the per-user index, as 'info' shows).")
 weights_option = click.option(
     "--weights", metavar="WEIGHTS", default=None,
-    help="'imagenet' (default), a local weights file, or 'none' (random; tests only).",
+    help="'imagenet' (default), a local weights file, or 'none' (random; tests only); for "
+         "--encoder saved-model the model: a .keras file, a SavedModel or TF-Hub folder, or a model spec .json.",
 )
 runtime_option = click.option(
     "--runtime", type=click.Choice(["auto", "openvino", "keras"]), default="auto", show_default=True,
@@ -447,8 +448,8 @@ def encoders(ctx, fmt):
             click.echo(json.dumps(row))
         return
     click.echo(_table(
-        [[r["name"] + (" (default)" if r["default"] else ""), r["dim"], "yes" if r["weights_available"] else "no",
-          ",".join(r["precisions"]), r["description"]] for r in rows],
+        [[r["name"] + (" (default)" if r["default"] else ""), r["dim"] or "model's",
+          "yes" if r["weights_available"] else "no", ",".join(r["precisions"]), r["description"]] for r in rows],
         ["name", "dim", "weights here", "precisions", "description"],
     ))
     for row in rows:
@@ -522,6 +523,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
     Examples:
       imgsearch index photos/ --index my-index
       imgsearch index train/ --index pets --encoder efficientnet-lite0
+      imgsearch index photos/ --index mine --encoder saved-model --weights my_model.json
       imgsearch index photos/ --index my-index --prune --errors skipped.csv
       imgsearch index /shared/photos --index my-index --ray 10.0.0.5:6379
       imgsearch index photos/ --index my-index --backend milvus --milvus-uri http://localhost:19530
@@ -981,6 +983,110 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
     chosen = f", cross-validated accuracy {model.cv_accuracy:.4f}" if model.cv_accuracy is not None else ""
     click.echo(f"trained {model.method} on {len(model.classes)} labels with C={model.C:g}{chosen}; "
                f"saved in {index_dir}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, exists=True), metavar="DIR",
+              help="Train on this index's labelled images (its encoder is the default base).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="New folder for the fine-tuned encoder (model.keras and its model spec model.json).")
+@click.option("--encoder", default=None, metavar="NAME", help="Base encoder (default: the index's, else "
+              "IMGSEARCH_ENCODER or resnet50); it must offer a Keras model.")
+@weights_option
+@click.option("--input-size", type=click.IntRange(16, 1024), default=None, metavar="PX",
+              help="Train and embed at this input size (default: the base's); smaller is much faster on a "
+                   "CPU, and enough for small images.")
+@click.option("--unfreeze", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="After the head, also train the base's top N layers with weights (batch-norm layers "
+                   "stay frozen) at --finetune-lr.")
+@click.option("--embedding-dim", type=click.IntRange(min=0), default=256, show_default=True, metavar="D",
+              help="Size of the learned embedding layer on the base's features (0: none; the vectors are "
+                   "then the base's own features).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs of the head.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Most epochs of the unfrozen layers.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Learning rate of the head (Adam).")
+@click.option("--finetune-lr", type=POSITIVE, default=3e-4, show_default=True,
+              help="Learning rate once layers are unfrozen.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each label's images held out for validation and early stopping.")
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Stop a stage after this many epochs without a better validation accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, the shuffling and the "
+              "initial weights: the same seed gives the same model.")
+@click.option("--keep-head", is_flag=True, help="Export the class probabilities as the vectors instead of "
+              "the embedding.")
+@click.pass_context
+def finetune(ctx, paths, index_dir, out_dir, encoder, weights, input_size, unfreeze, embedding_dim, epochs,
+             finetune_epochs, lr, finetune_lr, batch_size, validation, patience, seed, keep_head):
+    """Fine-tune an encoder on labelled images and save it as a saved-model encoder.
+
+    Trains a head (an embedding and a classifier) on the base encoder's
+    frozen features, computed once, then with --unfreeze N the base's top N
+    layers at a low learning rate.  Each stage keeps its best epoch on a
+    validation split and stops early; Ctrl-C stops training and saves the
+    best model so far.  Index with the result as with any encoder.
+
+    \b
+    Examples:
+      imgsearch finetune train/ --out my-encoder --encoder efficientnet-lite0 --unfreeze 25
+      imgsearch finetune --index pets --out pets-encoder --input-size 128
+      imgsearch index train/ --index tuned --encoder saved-model --weights my-encoder/model.json
+    """
+    from .finetune import FinetuneOptions, base_and_examples
+    from .finetune import finetune as run_finetune
+
+    options = FinetuneOptions(input_size=input_size, unfreeze=unfreeze, embedding_dim=embedding_dim,
+                              epochs=epochs, finetune_epochs=finetune_epochs, learning_rate=lr,
+                              finetune_learning_rate=finetune_lr, batch_size=batch_size, validation=validation,
+                              patience=patience, seed=seed, keep_head=keep_head)
+    _terminate_as_interrupt()
+    base, examples = base_and_examples(index_dir=index_dir, paths=paths, encoder=encoder, weights=weights,
+                                       default_encoder=os.environ.get("IMGSEARCH_ENCODER"),
+                                       plugins_dir=ctx.obj["plugins_dir"])
+    click.echo(f"fine-tuning {base.name} on {len(examples)} labelled images", err=True)
+    report = run_finetune(base, examples, out_dir, options, progress=_training_bar())
+    for skip in report.skipped:
+        _warn(f"skipped {skip.path}: {skip.reason}")
+    for stage in report.stages:
+        click.echo(f"{stage.name}: best epoch {stage.best_epoch} of {stage.epochs_run}, validation accuracy "
+                   f"{stage.val_accuracy:.4f}, {stage.seconds:.0f} s", err=True)
+    click.echo(f"saved {report.spec} ({report.dim}-d, {report.input_size} px, {len(report.classes)} labels, "
+               f"{report.train} training and {report.validation} validation images); use it with "
+               f"--encoder saved-model --weights {report.spec}")
+
+
+def _training_bar():
+    """A progress callback for finetune: a bar per epoch with the running
+    loss and accuracy, then one line with the validation figures."""
+    from .finetune import TrainingProgress
+
+    features = _progress_bar("computing features")
+    state = {}
+
+    def progress(event: TrainingProgress):
+        if event.stage == "features":
+            features(event.step, event.steps)
+            return
+        key = (event.stage, event.epoch)
+        if state.get("key") != key:
+            if "bar" in state:
+                state.pop("bar").__exit__(None, None, None)
+            state["key"] = key
+            state["bar"] = click.progressbar(length=event.steps, label=f"{event.stage} epoch {event.epoch}/{event.epochs}",
+                                             file=sys.stderr, item_show_func=lambda text: text)
+            state["bar"].__enter__()
+        bar = state["bar"]
+        bar.update(event.step - bar.pos, f"loss {event.loss:.4f} accuracy {event.accuracy:.4f}")
+        if event.val_accuracy is not None:
+            state.pop("bar").__exit__(None, None, None)
+            click.echo(f"{event.stage} epoch {event.epoch}: loss {event.loss:.4f}, accuracy {event.accuracy:.4f}; "
+                       f"validation loss {event.val_loss:.4f}, accuracy {event.val_accuracy:.4f}"
+                       + (" (best)" if event.best else ""), err=True)
+
+    return progress
 
 
 @main.command("serve-vectorizer")

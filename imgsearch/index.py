@@ -127,6 +127,18 @@ def read_labels_csv(path) -> dict[str, str]:
     return labels
 
 
+def recorded_weights(recorded: dict) -> str | None:
+    """The weights to use for an index's encoder when none are named: a
+    recorded random or file spec (or a model folder, recorded as an absolute
+    path); otherwise (e.g. "imagenet") None, for the encoder's default, which
+    may point at a local copy."""
+    spec = recorded.get("weights", "")
+    if spec.lower() == "none" or Path(spec).expanduser().is_file() or (
+            Path(spec).is_absolute() and Path(spec).is_dir()):
+        return spec
+    return None
+
+
 def _matching_encoder(store: Store, registry: Registry, name: str | None, weights: str | None,
                       runtime: str = "auto", precision: str | None = None) -> Encoder:
     """The encoder that made this index's vectors, loaded, or a one-line error.
@@ -140,13 +152,7 @@ def _matching_encoder(store: Store, registry: Registry, name: str | None, weight
         raise IndexMismatchError(
             f"index {store.directory} was built with encoder {built_with!r}, not {name!r}"
         )
-    if not weights:
-        spec = recorded.get("weights", "")
-        # A recorded random or file spec is reused; otherwise (e.g. "imagenet")
-        # the encoder's default applies, which may point at a local copy.
-        if spec.lower() == "none" or Path(spec).expanduser().is_file():
-            weights = spec
-    encoder = registry.create(built_with, weights)
+    encoder = registry.create(built_with, weights or recorded_weights(recorded))
     if encoder.dim != store.dim or encoder.preprocessing.to_dict() != recorded.get("preprocessing"):
         raise IndexMismatchError(
             f"index {store.directory} was built by a different version of encoder {built_with!r} "

@@ -135,13 +135,15 @@ def test_info_and_encoders(index_dir):
     table = run("info", "--index", index_dir).stdout
     assert "count:               50" in table and "tench              10" in table
     listed = [json.loads(line) for line in run("encoders", "--format", "json").stdout.splitlines()]
-    assert [e["name"] for e in listed] == ["efficientnet-lite0", "lite0-any-precision", "resnet50", "tiny-color"]
+    assert [e["name"] for e in listed] == ["efficientnet-lite0", "lite0-any-precision", "resnet50", "saved-model",
+                                           "tiny-color"]
+    # saved-model's dimension is its model's; without one it has none.
     assert {e["name"]: e["dim"] for e in listed} == {"efficientnet-lite0": 1280, "lite0-any-precision": 1280,
-                                                     "resnet50": 2048, "tiny-color": 48}
+                                                     "resnet50": 2048, "saved-model": 0, "tiny-color": 48}
     # What each offers: measured quality for the built-in ones, fp32 alone without a Keras model.
     assert {e["name"]: e["precisions"] for e in listed} == {
         "efficientnet-lite0": ["fp32"], "lite0-any-precision": ["fp32", "bf16", "int8"],
-        "resnet50": ["fp32", "bf16", "int8"], "tiny-color": ["fp32"]}
+        "resnet50": ["fp32", "bf16", "int8"], "saved-model": ["fp32", "bf16", "int8"], "tiny-color": ["fp32"]}
     assert {e["name"]: e["weights_available"] for e in listed}["efficientnet-lite0"] is True
     assert run("encoders").stdout.splitlines()[0].split()[:2] == ["name", "dim"]
 
@@ -167,7 +169,7 @@ def test_errors_are_one_line_with_the_right_exit_code(tmp_path, index_dir):
     run("query", tmp_path / "missing.jpg", "--index", index_dir, code=2)
     run("classify", QUERY, "--index", index_dir, "--vote", "loudest", code=2)
     err = run("index", SAMPLE_DATA / "queries", "--index", tmp_path / "new", "--encoder", "nope", code=2).stderr
-    assert "unknown encoder 'nope'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, tiny-color" in err
+    assert "unknown encoder 'nope'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, saved-model, tiny-color" in err
     assert not (tmp_path / "new").exists()
     err = run("index", SAMPLE_DATA / "queries", "--index", index_dir, "--encoder", "resnet50", code=2).stderr
     assert "was built with encoder 'tiny-color', not 'resnet50'" in err

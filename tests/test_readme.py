@@ -54,7 +54,7 @@ def test_every_option_in_the_synopsis_exists():
             if option not in ("--version",):
                 assert option in known, f"README mentions {option} for '{current.name}'"
     assert set(commands) == {"index", "optimize", "remove", "verify", "query", "classify", "evaluate",
-                             "train-classifier", "dupes",
+                             "train-classifier", "dupes", "finetune",
                              "serve-vectorizer",
                              "serve",
                              "export",

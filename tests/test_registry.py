@@ -65,7 +65,7 @@ def test_unknown_name_lists_the_valid_ones(registry):
     with pytest.raises(UnknownEncoderError) as info:
         registry.get("resnet5O")
     assert str(info.value).startswith(
-        "unknown encoder 'resnet5O'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, tiny-color "
+        "unknown encoder 'resnet5O'; registered encoders: efficientnet-lite0, lite0-any-precision, resnet50, saved-model, tiny-color "
     )
 
 
