@@ -112,7 +112,8 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
     def generation_at_least(g):
         def check():
             try:
-                return int(Store.open(index_dir).manifest["generation"]) >= g
+                with Store.open(index_dir) as store:
+                    return int(store.manifest["generation"]) >= g
             except Exception:
                 return False
         return check
@@ -124,7 +125,10 @@ def test_sigkill_at_any_moment_loses_at_most_the_uncommitted_batch(corpus, tmp_p
     plans = [tmp_file_exists, generation_at_least(2), journal_exists, tmp_file_exists, generation_at_least(6),
              journal_exists, tmp_file_exists, generation_at_least(10), tmp_file_exists]
     for plan in plans:
-        process = _start(corpus, index_dir, log)
+        # A short pause per batch: without it a run of the tiny encoder can
+        # finish between two looks at a condition (a look opens the index),
+        # leaving the remaining plans nothing to interrupt.
+        process = _start(corpus, index_dir, log, delay=0.02)
         if kill_when(process, plan):
             kills += 1
         counts.append(_check_consistent(index_dir))
