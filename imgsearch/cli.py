@@ -248,6 +248,12 @@ def _count(number: int, thing: str) -> str:
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
+def _copies(number: int) -> str:
+    """Paths of identical files, stored once: '1 identical copy' (a
+    'duplicate path' read like a problem)."""
+    return f"{number} identical cop{'y' if number == 1 else 'ies'}"
+
+
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
@@ -535,7 +541,8 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
     if ray_gpus and not ray_address:
         raise click.UsageError("--ray-gpus needs --ray")
     if (backend_uri or backend_collection) and not backend:
-        raise click.UsageError("--backend-uri and --backend-collection need --backend")
+        raise click.UsageError("--milvus-uri/--backend-uri and --milvus-collection/--backend-collection need "
+                               "--backend (e.g. --backend milvus)")
     options = {key: value for key, value in (("uri", backend_uri), ("collection", backend_collection)) if value}
     _terminate_as_interrupt()
     errors_out = _open_errors_csv(errors_csv, index_dir) if errors_csv else None
@@ -560,7 +567,7 @@ def index(ctx, paths, index_dir, encoder, weights, runtime, precision, labels_cs
             f"{index_dir} holds {idx.store.count} images"
         )
         if pruned is not None:
-            click.echo(f"pruned {_count(pruned.removed, 'image')} and {_count(pruned.paths_only, 'duplicate path')} "
+            click.echo(f"pruned {_count(pruned.removed, 'image')} and {_copies(pruned.paths_only)} "
                        "whose files are gone")
         kind, reason = idx.optimize_due() or (None, None)
         if (index_type or target_recall or max_memory) and not idx.store.created_here:
@@ -611,7 +618,7 @@ def remove(ctx, paths, index_dir):
             _warn(f"not in the index: {path}")
         if not report.removed and not report.paths_only:
             raise _Failure("none of the given paths is in the index", 1)
-        click.echo(f"removed {report.removed} images and {report.paths_only} duplicate paths; "
+        click.echo(f"removed {_count(report.removed, 'image')} and {_copies(report.paths_only)}; "
                    f"{index_dir} holds {idx.store.count} images")
 
 
@@ -709,7 +716,7 @@ def verify(ctx, index_dir, repair):
             click.echo(f"problem: {problem}")
         if problems:
             raise _Failure(f"index {index_dir} has {len(problems)} problems", 1)
-        click.echo(f"ok: {store.count} images, {store.alias_count()} duplicate paths, "
+        click.echo(f"ok: {_count(store.count, 'image')} and {_copies(store.alias_count())} (stored once), "
                    f"dimension {store.dim}, {len(store.segments)} segments")
 
 

@@ -199,7 +199,7 @@ def test_changes_moves_removals_and_prune(backend, tmp_path, labelled_copy):
     shutil.move(church[2], tmp_path / "kept-elsewhere.jpg")                # (not indexed again)
     os.remove(church[3])                                                   # gone from disk: pruned
     pruned = _index(target, labelled_copy, [], "--prune").stdout
-    assert "pruned 1 image and 0 duplicate paths" in pruned
+    assert "pruned 1 image and 0 identical copies" in pruned
     entries, vectors = _stored(target)
     assert len(entries) == 48 and len(vectors) == 48
     assert run("verify", "--index", target).stdout.startswith("ok: 48 images")

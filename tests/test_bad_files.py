@@ -318,7 +318,7 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_indexed(tmp_path, corp
     assert str(corpus.good["dup-b"]) not in [r["path"] for r in found["results"]]
 
     checked = run("verify", "--index", index_dir)
-    assert any(line.startswith(f"ok: {good} images, 1 duplicate paths") for line in checked.stdout.splitlines()), checked.stdout
+    assert any(line.startswith(f"ok: {good} images and 1 identical copy (stored once)") for line in checked.stdout.splitlines()), checked.stdout
 
     # A higher megapixel limit lets the bomb in; nothing else changes.
     again = run("index", *corpus.paths, "--index", index_dir, "--max-megapixels", "500", "--errors", errors)

@@ -325,7 +325,7 @@ def test_an_occupied_folder_is_refused_before_any_model_loads(tmp_path, monkeypa
 
 def test_verify_reports_damage_and_repairs_the_manifest_copy(index_dir):
     ok = run("verify", "--index", index_dir).stdout
-    assert ok.startswith("ok: 50 images, 0 duplicate paths, dimension 48")
+    assert ok.startswith("ok: 50 images and 0 identical copies (stored once), dimension 48")
     manifest = index_dir / "manifest.json"
     manifest.write_text("{ not json")
     for args in (["info"], ["query", QUERY], ["index", SAMPLE_DATA / "queries"], ["remove", QUERY]):
@@ -350,7 +350,7 @@ def test_remove_and_prune(tmp_path, labelled_copy):
     target = tmp_path / "ix"
     run("index", labelled_copy, "--index", target, "--encoder", "tiny-color")
     result = run("remove", labelled_copy / "tench", labelled_copy / "church" / "nope.jpg", "--index", target)
-    assert result.stdout.startswith(f"removed 10 images and 0 duplicate paths; {target} holds 40 images")
+    assert result.stdout.startswith(f"removed 10 images and 0 identical copies; {target} holds 40 images")
     assert f"warning: not in the index: {labelled_copy / 'church' / 'nope.jpg'}" in result.stderr
     run("remove", labelled_copy / "tench", "--index", target, code=1)
     shutil.rmtree(labelled_copy / "parachute")
@@ -358,7 +358,7 @@ def test_remove_and_prune(tmp_path, labelled_copy):
     assert "note: 10 indexed files no longer exist" in note
     pruned = run("index", labelled_copy, "--index", target, "--prune").stdout
     assert pruned.startswith("added 10,")  # the tench photos are still on disk
-    assert "pruned 10 images and 0 duplicate paths whose files are gone" in pruned
+    assert "pruned 10 images and 0 identical copies whose files are gone" in pruned
     facts = json.loads(run("info", "--index", target, "--format", "json").stdout)
     assert facts["count"] == 40 and "parachute" not in facts["labels"] and facts["labels"]["tench"] == 10
     assert "note:" not in run("verify", "--index", target).stdout
@@ -434,3 +434,12 @@ def test_a_copy_takes_over_when_the_original_file_is_gone(tmp_path, labelled_cop
     run("index", labelled_copy, "--index", target)
     found = json.loads(run("query", copy, "--index", target, "-k", "1", "--include-self", "--format", "json").stdout)
     assert found["results"][0]["path"] == str(copy) and "also_at" not in found["results"][0]
+
+
+def test_backend_options_without_a_backend_name_the_option_as_typed(tmp_path):
+    """--milvus-uri is an alias of --backend-uri: the error names both, and
+    nothing is created."""
+    target = tmp_path / "ix"
+    result = run("index", SAMPLE_DATA / "labelled", "--index", target, "--milvus-uri", tmp_path / "v.db", code=2)
+    assert "--milvus-uri" in result.stderr and "--backend milvus" in result.stderr
+    assert not target.exists()
