@@ -1016,7 +1016,8 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
 @click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Learning rate of the head (Adam).")
 @click.option("--finetune-lr", type=POSITIVE, default=3e-4, show_default=True,
               help="Learning rate once layers are unfrozen.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per training step.")
 @click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each label's images held out for validation and early stopping.")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
