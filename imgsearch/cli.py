@@ -717,7 +717,7 @@ def verify(ctx, index_dir, repair):
         if problems:
             raise _Failure(f"index {index_dir} has {len(problems)} problems", 1)
         click.echo(f"ok: {_count(store.count, 'image')} and {_copies(store.alias_count())} (stored once), "
-                   f"dimension {store.dim}, {len(store.segments)} segments")
+                   f"dimension {store.dim}, {_count(len(store.segments), 'segment')}")
 
 
 @main.command()

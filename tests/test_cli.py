@@ -325,7 +325,7 @@ def test_an_occupied_folder_is_refused_before_any_model_loads(tmp_path, monkeypa
 
 def test_verify_reports_damage_and_repairs_the_manifest_copy(index_dir):
     ok = run("verify", "--index", index_dir).stdout
-    assert ok.startswith("ok: 50 images and 0 identical copies (stored once), dimension 48")
+    assert ok.strip() == "ok: 50 images and 0 identical copies (stored once), dimension 48, 1 segment"
     manifest = index_dir / "manifest.json"
     manifest.write_text("{ not json")
     for args in (["info"], ["query", QUERY], ["index", SAMPLE_DATA / "queries"], ["remove", QUERY]):
