@@ -144,4 +144,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from imgsearch.errors import ImgsearchError
+
+    try:
+        sys.exit(main())
+    except ImgsearchError as exc:  # a setting finetune refuses, e.g. too many layers to unfreeze
+        sys.exit(f"error: {exc}")
