@@ -1363,7 +1363,7 @@ def export(ctx, target, index_dir, fmt, no_vectors):
 
     if no_vectors and fmt != "jsonl":
         raise click.UsageError("--no-vectors lists the index as jsonl; leave out --format or choose jsonl")
-    check_target(target, fmt)  # before the index is read
+    check_target(target, fmt, index_dir)  # before the index is read
     with _open(ctx, index_dir) as idx:
         written = write_export(idx, target, fmt, vectors=not no_vectors, progress=_progress_bar("exporting"))
     if target != "-":

@@ -30,16 +30,19 @@ FORMATS = ("jsonl", "npy", "parquet")
 _BATCH = 10_000
 
 
-def check_target(target, fmt: str) -> None:
+def check_target(target, fmt: str, index_dir=None) -> None:
     """:class:`UsageError` unless ``target`` can take an export in ``fmt``
-    without overwriting anything; checked before any work."""
-    from .outputs import check_output_folder
+    without overwriting anything, outside the folder of the index
+    ``index_dir``; checked before any work."""
+    from .outputs import check_output_folder, inside
 
     if fmt not in FORMATS:
         raise UsageError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "jsonl" and str(target) == "-":
         return
     path = Path(target)
+    if index_dir is not None and inside(path, index_dir):
+        raise UsageError(f"{target} is inside the index folder; choose another place")
     if fmt == "npy":
         check_output_folder(path, "the export folder")
         if path.is_dir() and any(path.iterdir()):
@@ -67,7 +70,7 @@ def export(index, target, fmt: str, *, vectors: bool = True,
     ``target`` in ``fmt`` (see the module's description; ``"-"`` with jsonl
     is standard output).  ``vectors=False`` leaves the vectors out (jsonl
     only).  Returns the number of images written."""
-    check_target(target, fmt)
+    check_target(target, fmt, index.store.directory)
     if not vectors and fmt != "jsonl":
         raise UsageError("only the jsonl form can leave the vectors out")
     store = index.store

@@ -1,5 +1,6 @@
-"""Folders the user asks us to write results to, checked before any work:
-a wrong place should cost a second, not the whole evaluation first."""
+"""Files and folders the user asks us to write results to, checked before
+any work: a wrong place should cost a second, not the whole evaluation
+first, and no output ever lands inside an index folder."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from PIL import Image
 
 from conftest import SAMPLE_DATA, run
 
+QUERY = SAMPLE_DATA / "queries" / "church.jpg"
+
 BROKEN_PLUGINS = Path(__file__).resolve().parent / "plugins_broken"
 
 
@@ -63,6 +65,18 @@ def test_a_bad_report_folder_is_refused_before_the_evaluation(index_dir, tmp_pat
         assert words in refused.stderr
     good = run("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1", "--report", tmp_path / "new" / "report")
     assert (tmp_path / "new" / "report" / "metrics.json").is_file() and "top1" in good.stdout.lower()
+
+
+def test_no_output_lands_inside_the_index_folder(index_dir, tmp_path):
+    """--report, --html and export are refused inside the index folder,
+    before any work, and the index is left as it was."""
+    before = sorted((p.name, p.stat().st_size) for p in index_dir.iterdir())
+    for args in (("evaluate", "--index", index_dir, "--leave-one-out", "-k", "1", "--report", index_dir / "report"),
+                 ("query", QUERY, "--index", index_dir, "--html", index_dir / "sheet.html"),
+                 ("export", index_dir / "all.jsonl", "--index", index_dir)):
+        refused = run(*args, code=2)
+        assert "inside the index folder" in refused.stderr and refused.stdout == "", args
+    assert sorted((p.name, p.stat().st_size) for p in index_dir.iterdir()) == before
 
 
 def test_a_missing_folder_is_named_before_any_model_loads(tmp_path):
