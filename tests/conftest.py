@@ -154,3 +154,18 @@ def resnet50_spread(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet50-spread.weights.h5"
     model.save_weights(path)
     return model, path
+
+
+def store_of(path, vectors, per_commit=None):
+    """A store of ``vectors`` (ids from 1), committed ``per_commit`` at a
+    time (default: all at once)."""
+    from imgsearch.store import Changes, Entry, Store
+
+    store = Store.create(path, encoder={"name": "test"}, dim=vectors.shape[1])
+    per_commit = per_commit or len(vectors)
+    for start in range(0, len(vectors), per_commit):
+        chunk = vectors[start:start + per_commit]
+        entries = [Entry(start + i + 1, f"/v/{start + i}.jpg", f"sha{start + i}", 1, 1.0, None, 1, 1)
+                   for i in range(len(chunk))]
+        store.commit(Changes(added=entries, vectors=list(chunk)))
+    return store

@@ -14,27 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_DATA, kill_when, run, sqlite_writing
+from conftest import SAMPLE_DATA, kill_when, run, sqlite_writing, store_of
 from imgsearch.encoders import l2_normalize
 from imgsearch.errors import BadIndexError
-from imgsearch.store import Changes, Entry, Store, optimize
+from imgsearch.store import Changes, Store, optimize
 
 V1_INDEX = Path(__file__).resolve().parent / "data" / "index-v1"
 
 
 def _recall(found_ids, expected_ids) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found_ids, expected_ids)]))
-
-
-def _store_of(path, vectors, per_commit=None):
-    store = Store.create(path, encoder={"name": "test"}, dim=vectors.shape[1])
-    per_commit = per_commit or len(vectors)
-    for start in range(0, len(vectors), per_commit):
-        chunk = vectors[start:start + per_commit]
-        entries = [Entry(start + i + 1, f"/v/{start + i}.jpg", f"sha{start + i}", 1, 1.0, None, 1, 1)
-                   for i in range(len(chunk))]
-        store.commit(Changes(added=entries, vectors=list(chunk)))
-    return store
 
 
 def _clustered(n, dim, centres, seed):
@@ -49,7 +38,7 @@ def test_recall_against_a_flat_reference_on_clustered_vectors(tmp_path, kind):
     data = _clustered(12_000, 96, centres=300, seed=1)
     rng = np.random.default_rng(2)
     queries = l2_normalize(data[rng.integers(0, len(data), 200)] + 0.05 * rng.standard_normal((200, 96)))
-    store = _store_of(tmp_path / "ix", data, per_commit=3000)
+    store = store_of(tmp_path / "ix", data, per_commit=3000)
     report = optimize(store, index_type=kind, target_recall=0.95)
     assert report.recall_at_10 >= 0.95 and store.manifest["ann"]["type"] == kind
     expected = np.argsort(-(queries @ data.T), axis=1)[:, :10] + 1  # ids start at 1
@@ -98,7 +87,7 @@ def test_recall_on_real_embeddings_of_the_sample_photos(tmp_path):
     data, queries = embed(index_pixels), embed(query_pixels)
     expected = np.argsort(-(queries @ data.T), axis=1)[:, :10] + 1
     for kind in ("flat", "ivf-sq8", "ivf-pq", "hnsw"):
-        store = _store_of(tmp_path / kind, data, per_commit=100)
+        store = store_of(tmp_path / kind, data, per_commit=100)
         report = optimize(store, index_type=kind, target_recall=0.95)
         found = [[h.entry.id for h in row] for row in store.search(queries, 10)]
         recall = _recall(found, expected)
@@ -193,7 +182,7 @@ def test_a_damaged_segment_is_never_merged(tmp_path, monkeypatch):
     # As in a large index: opening checks sizes and headers, not checksums.
     monkeypatch.setattr(store_module, "FULL_CHECK_ON_OPEN_BYTES", 0)
     rng = np.random.default_rng(4)
-    store = _store_of(tmp_path / "ix", l2_normalize(rng.standard_normal((40, 16))), per_commit=10)
+    store = store_of(tmp_path / "ix", l2_normalize(rng.standard_normal((40, 16))), per_commit=10)
     segment = store.segments[1].path
     store.close()
     data = bytearray(segment.read_bytes())
@@ -215,7 +204,7 @@ def unmerged_index(tmp_path_factory):
     ivf-sq8 build take long enough to be killed in every phase."""
     root = tmp_path_factory.mktemp("unmerged")
     data = _clustered(60_000, 128, centres=500, seed=5)
-    store = _store_of(root / "ix", data, per_commit=2000)
+    store = store_of(root / "ix", data, per_commit=2000)
     store.commit(Changes(removed=list(range(1, 60_001, 97))))
     store.close()
     return root / "ix"

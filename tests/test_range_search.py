@@ -6,8 +6,9 @@ against brute-force numpy over the live vectors."""
 import numpy as np
 import pytest
 
+from conftest import store_of
 from imgsearch.encoders import l2_normalize
-from imgsearch.store import Changes, Entry, Store, optimize
+from imgsearch.store import Changes, Entry, optimize
 from imgsearch.store.backend import VectorBackend
 
 DIM = 48
@@ -20,16 +21,6 @@ def _planted(rng, originals=400, copies=120):
     sources = rng.choice(originals, size=copies)
     noise = rng.uniform(0.02, 0.05, (copies, 1)) * rng.standard_normal((copies, DIM))
     return np.vstack([base, l2_normalize(base[sources] + noise)])
-
-
-def _store(path, vectors, per_commit=100):
-    store = Store.create(path, encoder={"name": "test"}, dim=DIM)
-    for start in range(0, len(vectors), per_commit):
-        chunk = vectors[start:start + per_commit]
-        entries = [Entry(start + i + 1, f"/v/{start + i}.jpg", f"sha{start + i}", 1, 1.0, None, 1, 1)
-                   for i in range(len(chunk))]
-        store.commit(Changes(added=entries, vectors=list(chunk)))
-    return store
 
 
 def _pairs(found, query_ids):
@@ -45,7 +36,7 @@ def _brute_force(vectors, ids, threshold):
 def test_exact_range_search_over_segments_with_tombstones(tmp_path, threshold):
     rng = np.random.default_rng(0)
     vectors = _planted(rng)
-    store = _store(tmp_path / "ix", vectors)
+    store = store_of(tmp_path / "ix", vectors, per_commit=100)
     removed = [int(i) for i in rng.choice(np.arange(1, len(vectors) + 1), 40, replace=False)]
     store.commit(Changes(removed=removed))
     assert len(store.segments) > 1 and store.tombstones == 40
@@ -71,7 +62,7 @@ def test_range_search_groups_larger_than_the_first_k(tmp_path):
     one = l2_normalize(rng.standard_normal((1, DIM)))
     vectors = np.vstack([l2_normalize(one + 0.01 * rng.standard_normal((50, DIM))),
                          l2_normalize(rng.standard_normal((200, DIM)))])
-    store = _store(tmp_path / "ix", vectors)
+    store = store_of(tmp_path / "ix", vectors, per_commit=100)
     found = VectorBackend.range_search(store.backend, vectors[:1], 0.95)
     assert sorted(found[0][1].tolist()) == list(range(1, 51))
     store.close()
@@ -85,7 +76,7 @@ def test_range_search_through_an_approximate_index(tmp_path, kind):
     rng = np.random.default_rng(2)
     vectors = _planted(rng, originals=6000, copies=600)
     vectors = vectors[rng.permutation(len(vectors))]  # copies in both parts
-    store = _store(tmp_path / "ix", vectors[:6000], per_commit=2000)
+    store = store_of(tmp_path / "ix", vectors[:6000], per_commit=2000)
     optimize(store, index_type=kind, target_recall=0.95)
     assert store.ann is not None and store.ann.type == kind
     tail = _store_rest(store, vectors, 6000)
