@@ -1011,17 +1011,18 @@ def train_classifier(ctx, index_dir, method, c_value, seed):
               help="Size of the learned embedding layer on the base's features (0: none; the vectors are "
                    "then the base's own features).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs of the head.")
-@click.option("--finetune-epochs", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Most epochs of the unfrozen layers.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Epochs of the unfrozen layers; their learning rate falls along a cosine from --finetune-lr "
+                   "to zero over them, and all of them run.")
 @click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Learning rate of the head (Adam).")
-@click.option("--finetune-lr", type=POSITIVE, default=3e-4, show_default=True,
-              help="Learning rate once layers are unfrozen.")
+@click.option("--finetune-lr", type=POSITIVE, default=5e-4, show_default=True,
+              help="Starting learning rate once layers are unfrozen.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per training step.")
 @click.option("--validation", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each label's images held out for validation and early stopping.")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Stop a stage after this many epochs without a better validation accuracy.")
+              help="Stop the head's training after this many epochs without a better validation accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, the shuffling and the "
               "initial weights: the same seed gives the same model.")
 @click.option("--keep-head", is_flag=True, help="Export the class probabilities as the vectors instead of "
@@ -1033,9 +1034,10 @@ def finetune(ctx, paths, index_dir, out_dir, encoder, weights, input_size, unfre
 
     Trains a head (an embedding and a classifier) on the base encoder's
     frozen features, computed once, then with --unfreeze N the base's top N
-    layers at a low learning rate.  Each stage keeps its best epoch on a
-    validation split and stops early; Ctrl-C stops training and saves the
-    best model so far.  Index with the result as with any encoder.
+    layers at a low, decaying learning rate.  Each stage keeps its best
+    epoch on a validation split (the head's stops early); Ctrl-C stops
+    training and saves the best model so far.  Index with the result as
+    with any encoder.
 
     \b
     Examples:

@@ -8,12 +8,15 @@ what makes training fit in minutes):
    head: an embedding layer (``embedding_dim``, ReLU) and a classifier.
 2. **fine-tune** (``unfreeze`` > 0): the top ``unfreeze`` layers that hold
    weights (convolutions, dense; batch-norm layers keep their statistics)
-   train with the head at a low learning rate.  The activations entering
-   them are cached, cut where the network is one tensor wide.
+   train with the head at a learning rate that falls along a cosine to zero
+   over ``finetune_epochs``.  The activations entering them are cached, cut
+   where the network is one tensor wide.
 
 Each stage keeps the weights of its best epoch on a validation split
-(stratified, seeded) and stops when that has not improved for ``patience``
-epochs; Ctrl-C stops it too and the best model so far is exported.  The
+(stratified, seeded); the head stage stops when that has not improved for
+``patience`` epochs, the fine-tune stage runs all its epochs (its rate
+reaches zero at the end).  Ctrl-C stops either, and the best model so far
+is exported.  The
 export is the (fine-tuned) base with its pooling and the embedding layer, a
 ``.keras`` file and a model spec beside it, which the ``saved-model``
 encoder reads; ``keep_head`` exports the class probabilities instead.
@@ -51,9 +54,9 @@ class FinetuneOptions:
     unfreeze: int = 0
     embedding_dim: int = 256
     epochs: int = 30
-    finetune_epochs: int = 10
+    finetune_epochs: int = 20
     learning_rate: float = 1e-3
-    finetune_learning_rate: float = 3e-4
+    finetune_learning_rate: float = 5e-4
     batch_size: int = 64
     validation: float = 0.2
     patience: int = 5
@@ -268,10 +271,17 @@ class _Stage:
     loss), keeping the best weights; Ctrl-C ends it with them."""
 
     def __init__(self, name, model, learning_rate, options: FinetuneOptions, progress: Progress,
-                 baseline: StageResult | None = None):
+                 baseline: StageResult | None = None, decay_steps: int = 0):
         import keras
 
         self.name, self.model, self.options, self.progress = name, model, options, progress
+        # A decaying stage runs all its epochs: its rate falls along a cosine
+        # to zero, and its last epochs, at the lowest rates, are often the
+        # best; early stopping would end it on the noise of a small
+        # validation split while the rate is still high.
+        self.decaying = decay_steps > 0
+        if self.decaying:
+            learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
@@ -315,7 +325,7 @@ class _Stage:
                 own_best = max(own_best, (val_accuracy, -val_loss))
                 self.progress(TrainingProgress(self.name, epoch, epochs, steps, steps, loss_sum / seen,
                                                correct / seen, val_loss, val_accuracy, better))
-                if waited >= options.patience:
+                if waited >= options.patience and not self.decaying:
                     self.result.stopped_early = epoch < epochs
                     break
             return True
@@ -420,8 +430,9 @@ def finetune(encoder, examples: list[Example], out_dir, options: FinetuneOptions
             layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
         inputs = keras.Input(cached.shape[1:])
         whole = keras.Model(inputs, head(top(inputs)))
+        steps = -(-report.train // options.batch_size)
         stage = _Stage("fine-tune", whole, options.finetune_learning_rate, options, progress,
-                       baseline=report.stages[-1])
+                       baseline=report.stages[-1], decay_steps=steps * options.finetune_epochs)
         completed = stage.run(cached[is_train], labels[is_train], cached[~is_train], labels[~is_train],
                               options.finetune_epochs)
         report.stages.append(stage.result)

@@ -203,3 +203,34 @@ def test_the_cut_never_crosses_a_residual_branch():
     assert top.layers[1].name == "_blocks.14._expand_conv"
     pixels = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(top(bottom(pixels))), np.asarray(base(pixels)), atol=1e-5)
+
+
+def test_the_fine_tune_stage_decays_its_rate_to_zero_and_runs_every_epoch():
+    """The head stops after `patience` epochs without progress; the
+    fine-tune stage runs all its epochs while its rate falls along a cosine."""
+    import keras
+
+    from imgsearch.finetune import FinetuneOptions, _Stage
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 64)  # random labels: validation never improves for long
+    options = FinetuneOptions(batch_size=16, patience=1)
+
+    def model():
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dense(2, kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs))
+
+    head = _Stage("head", model(), 1e-2, options, lambda event: None)
+    head.run(x[:48], y[:48], x[48:], y[48:], epochs=8)
+    assert head.result.epochs_run < 8 and head.result.stopped_early
+
+    steps = 3 * 2  # 48 images in batches of 16, two epochs
+    tuned = _Stage("fine-tune", model(), 1e-2, options, lambda event: None, decay_steps=steps * 4)
+    rates = []
+    for _ in range(4):
+        tuned.run(x[:48], y[:48], x[48:], y[48:], epochs=2)
+        rates.append(float(tuned.model.optimizer.learning_rate))
+    assert tuned.result.epochs_run == 2 and not tuned.result.stopped_early
+    # Half a cosine from 1e-2 to zero, read after each quarter of the steps.
+    np.testing.assert_allclose(rates, [1e-2 * (1 + np.cos(np.pi * q / 4)) / 2 for q in (1, 2, 3, 4)], atol=1e-6)
