@@ -63,6 +63,17 @@ class WorkerSpec:
     max_megapixels: float
     formats: tuple[str, ...]
     batch_size: int
+    # int8: the digest of the calibration images, this machine's OpenVINO
+    # version and its calibrated model's files, which the workers install
+    # (calibrating there would make other vectors).
+    calibration: str | None = None
+    openvino: str | None = None
+    model_files: dict | None = None
+
+    def light(self) -> dict:
+        """The spec as a dict, without the model's files (for the node
+        checks and the decoding tasks, which do not need them)."""
+        return {**asdict(self), "model_files": None}
 
 
 def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size: int,
@@ -70,11 +81,14 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size
     from . import __version__
 
     options = encoder.options()
-    if options.precision == "int8":
-        # The calibrated int8 model lives in this machine's cache; workers
-        # would calibrate their own and make other vectors.
-        raise UsageError("--ray cannot add to an int8 index yet; index it without --ray, "
-                         "or use fp32 or bf16")
+    int8 = {}
+    if encoder.precision == "int8":
+        import openvino
+
+        from .runtime import calibrated_model
+
+        int8 = dict(calibration=options.calibration_id, openvino=openvino.get_version().split("-")[0],
+                    model_files=calibrated_model(encoder))
     runtime = options.runtime
     if gpus_per_actor and runtime == "auto" and options.precision == "fp32":
         runtime = "keras"  # OpenVINO runs on CPUs; TensorFlow uses the actor's GPU
@@ -82,7 +96,7 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size
                       encoder.preprocessing.to_dict(), runtime, options.precision,
                       encoder.precision,
                       str(os.path.abspath(plugins_dir)) if plugins_dir else None, __version__,
-                      max_megapixels, tuple(formats), batch_size)
+                      max_megapixels, tuple(formats), batch_size, **int8)
 
 
 # -- connecting ------------------------------------------------------------
@@ -208,6 +222,15 @@ def _probe(spec: dict) -> str | None:
             return f"its {spec['encoder']} weights differ from this machine's ({spec['weights']})"
         if encoder.preprocessing.to_dict() != spec["preprocessing"]:
             return f"another version of encoder {spec['encoder']!r} is installed there"
+        if spec["openvino"]:
+            try:
+                import openvino
+            except ImportError:
+                return "OpenVINO is not installed there (the index is int8); pip install openvino"
+            there = openvino.get_version().split("-")[0]
+            if there != spec["openvino"]:
+                return (f"OpenVINO {there} is installed there, {spec['openvino']} here; the int8 model "
+                        "needs the same version on every node")
     except ImgsearchError as exc:
         return str(exc)
     return None
@@ -221,7 +244,7 @@ def check_nodes(ray, spec: WorkerSpec) -> list[dict]:
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
     pending = {
         probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-        .remote(asdict(spec)): n for n in nodes
+        .remote(spec.light()): n for n in nodes
     }
     try:
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
@@ -314,7 +337,12 @@ class _Encode:
 
         spec = self.SPEC
         encoder = load_registry(spec["plugins_dir"]).create(spec["encoder"], spec["weights"])
-        encoder.use_runtime(RuntimeOptions(spec["runtime"], spec["precision"]))
+        options = RuntimeOptions(spec["runtime"], spec["precision"], calibration_id=spec["calibration"])
+        if spec["model_files"]:
+            from .runtime import install_calibrated_model
+
+            install_calibrated_model(encoder, options, spec["model_files"])
+        encoder.use_runtime(options)
         self.encoder = encoder.ensure_loaded()
 
     def __call__(self, batch: dict) -> dict:
@@ -355,12 +383,11 @@ def _pipeline(ray, paths, spec, actors, resources):
     # decoded images in the object store.
     blocks = max(1, len(paths) // spec.batch_size)
     actors = min(actors, blocks)  # an actor without a block would only load the model
-    plain = asdict(spec)
     return (
         ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
-        .map_batches(_decode, fn_kwargs={"spec": plain}, batch_size=spec.batch_size,
+        .map_batches(_decode, fn_kwargs={"spec": spec.light()}, batch_size=spec.batch_size,
                      batch_format="numpy", num_cpus=DECODE_CPUS)
-        .map_batches(_encoder_actor(plain), batch_size=spec.batch_size,
+        .map_batches(_encoder_actor(asdict(spec)), batch_size=spec.batch_size,
                      batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                      # A lost actor ends the run rather than being restarted:
                      # Ray warns at every start that restarts of Ray Data's

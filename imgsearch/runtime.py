@@ -217,6 +217,30 @@ def load(encoder, options: RuntimeOptions) -> tuple[Run, str]:
     return encoder.embed_batch, "keras"
 
 
+def calibrated_model(encoder) -> dict[str, bytes]:
+    """The files of the int8 model ``encoder`` (loaded, at int8) runs: what
+    another machine needs to embed exactly as this one, since calibrating
+    there would make other vectors."""
+    folder = _OpenVINO(encoder, encoder.options())._path("int8").parent
+    try:
+        return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+    except OSError as exc:
+        raise UsageError(f"cannot read the calibrated int8 model in {folder} ({exc.strerror or exc})") from None
+
+
+def install_calibrated_model(encoder, options: RuntimeOptions, files: dict[str, bytes]) -> None:
+    """Put another machine's calibrated int8 model (:func:`calibrated_model`)
+    where loading ``encoder`` with ``options`` looks for it, unless one is
+    there already."""
+    try:
+        exporter = _OpenVINO(encoder, options)
+        path = exporter._path("int8")
+        if not path.is_file():
+            exporter._install(path.parent, files)
+    except ExportError as exc:
+        raise UsageError(f"cannot install the calibrated int8 model: {exc}") from None
+
+
 class ExportError(Exception):
     """The OpenVINO path cannot be used; Keras takes over (or the user is told)."""
 
@@ -431,9 +455,15 @@ class _OpenVINO:
         return quantized, samples
 
     def _save(self, model, path: Path) -> None:
-        """Write the model files in a temporary folder and rename it into
-        place, so a reader sees a complete entry or none."""
-        folder = path.parent
+        # Weights stay fp32: OpenVINO's default halves them to fp16, which
+        # would break the promise of Keras' embeddings.
+        self._install(path.parent, lambda tmp: self.ov.save_model(model, str(tmp / MODEL_FILE),
+                                                                  compress_to_fp16=False))
+
+    def _install(self, folder: Path, write) -> None:
+        """Write a cache entry in a temporary folder and rename it into
+        place, so a reader sees a complete entry or none.  ``write`` writes
+        the files into the folder it is given, or is a dict of them."""
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_exports(folder.parent)
@@ -441,13 +471,15 @@ class _OpenVINO:
         except OSError as exc:
             raise ExportError(f"cannot write the model cache in {folder.parent} ({exc.strerror or exc})") from None
         try:
-            # Weights stay fp32: OpenVINO's default halves them to fp16,
-            # which would break the promise of Keras' embeddings.
-            self.ov.save_model(model, str(tmp / MODEL_FILE), compress_to_fp16=False)
+            if isinstance(write, dict):
+                for name, data in write.items():
+                    (tmp / Path(name).name).write_bytes(data)
+            else:
+                write(tmp)
             try:
                 os.replace(tmp, folder)
             except OSError:
-                if not path.is_file():  # not a twin process having won the race
+                if not (folder / MODEL_FILE).is_file():  # not a twin process having won the race
                     raise
         except Exception as exc:
             raise ExportError(f"cannot write the model cache in {folder.parent} ({first_line(exc)})") from None

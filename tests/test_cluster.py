@@ -22,6 +22,7 @@ from ray_nodes import TwoNodes, free_port, wait_for
 pytestmark = pytest.mark.slow
 
 RAY_PLUGINS = Path(__file__).resolve().parent / "plugins_ray"
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 BIN = Path(sys.executable).parent
 
 
@@ -120,6 +121,38 @@ def test_ray_fills_a_milvus_backed_index_as_a_local_run_does(cluster, photos, tm
     assert_same_index(tmp_path / "local", tmp_path / "remote")
     verified = imgsearch("verify", "--index", tmp_path / "remote")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_an_int8_index_is_embedded_with_the_drivers_calibrated_model(cluster, photos, tmp_path, _session_cache):
+    """Workers must not calibrate their own int8 model (other images, other
+    vectors): they install the one the driver calibrated for the index."""
+    address, env = cluster
+    # A picture of this test's own makes a calibration no cache holds yet.
+    noise = np.random.default_rng(15).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(photos / "church" / "noise.png")
+    driver = {**env, "IMGSEARCH_CACHE_DIR": str(tmp_path / "driver-cache")}  # not the nodes' cache
+    # efficientnet-lite0 itself does not offer int8 (its neighbours move too
+    # much); the test plugin offers every precision.
+    int8 = ("--encoder", "lite0-any-precision", "--precision", "int8")
+    local = imgsearch("index", photos, "--index", tmp_path / "local", *int8, env=driver, plugins=TEST_PLUGINS)
+    assert local.returncode == 0, local.stderr
+    calibrated = list((tmp_path / "driver-cache" / "openvino").glob("lite0-any-precision-int8-*"))
+    assert len(calibrated) == 1
+    assert not (_session_cache / "openvino" / calibrated[0].name).exists()
+    remote = imgsearch("index", photos, "--index", tmp_path / "remote", *int8, "--ray", address, env=driver,
+                       plugins=TEST_PLUGINS)
+    assert remote.returncode == 0, remote.stderr
+    installed = _session_cache / "openvino" / calibrated[0].name
+    assert sorted(p.name for p in installed.iterdir()) == sorted(p.name for p in calibrated[0].iterdir())
+    assert all((installed / p.name).read_bytes() == p.read_bytes() for p in calibrated[0].iterdir())
+    assert_same_index(tmp_path / "local", tmp_path / "remote")
+    # Negative control: fp32 vectors of the same photos are not within the
+    # check's reach of the int8 ones.
+    fp32 = imgsearch("index", photos, "--index", tmp_path / "fp32", "--encoder", "lite0-any-precision", env=driver,
+                     plugins=TEST_PLUGINS)
+    assert fp32.returncode == 0, fp32.stderr
+    with pytest.raises(AssertionError):
+        assert_same_index(tmp_path / "local", tmp_path / "fp32")
 
 
 def _many_photos(root: Path, count: int) -> Path:
