@@ -83,11 +83,9 @@ def spec_for(encoder, *, plugins_dir, max_megapixels: float, formats, batch_size
     options = encoder.options()
     int8 = {}
     if encoder.precision == "int8":
-        import openvino
+        from .runtime import calibrated_model, openvino_version
 
-        from .runtime import calibrated_model
-
-        int8 = dict(calibration=options.calibration_id, openvino=openvino.get_version().split("-")[0],
+        int8 = dict(calibration=options.calibration_id, openvino=openvino_version(),
                     model_files=calibrated_model(encoder))
     runtime = options.runtime
     if gpus_per_actor and runtime == "auto" and options.precision == "fp32":
@@ -223,11 +221,12 @@ def _probe(spec: dict) -> str | None:
         if encoder.preprocessing.to_dict() != spec["preprocessing"]:
             return f"another version of encoder {spec['encoder']!r} is installed there"
         if spec["openvino"]:
+            from .runtime import openvino_version
+
             try:
-                import openvino
+                there = openvino_version()
             except ImportError:
                 return "OpenVINO is not installed there (the index is int8); pip install openvino"
-            there = openvino.get_version().split("-")[0]
             if there != spec["openvino"]:
                 return (f"OpenVINO {there} is installed there, {spec['openvino']} here; the int8 model "
                         "needs the same version on every node")

@@ -297,7 +297,7 @@ class _Stage:
         """Train; False when Ctrl-C stopped it (best weights restored)."""
         options, started = self.options, time.monotonic()
         rng = np.random.default_rng(options.seed)
-        steps = -(-len(y_train) // options.batch_size)
+        steps = _steps(len(y_train), options.batch_size)
         # Patience counts from the stage's own best epoch: a fine-tune stage
         # often starts below the head's accuracy and needs epochs to pass it.
         waited, own_best = 0, (-1.0, 0.0)
@@ -335,6 +335,12 @@ class _Stage:
             if self.best_weights is not None:
                 self.model.set_weights(self.best_weights)
             self.result.seconds = time.monotonic() - started
+
+
+def _steps(count: int, batch_size: int) -> int:
+    """Training steps of an epoch (the last batch may be short): what a
+    stage runs, and what a decaying rate is spread over."""
+    return -(-count // batch_size)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
@@ -430,9 +436,9 @@ def finetune(encoder, examples: list[Example], out_dir, options: FinetuneOptions
             layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
         inputs = keras.Input(cached.shape[1:])
         whole = keras.Model(inputs, head(top(inputs)))
-        steps = -(-report.train // options.batch_size)
         stage = _Stage("fine-tune", whole, options.finetune_learning_rate, options, progress,
-                       baseline=report.stages[-1], decay_steps=steps * options.finetune_epochs)
+                       baseline=report.stages[-1],
+                       decay_steps=_steps(report.train, options.batch_size) * options.finetune_epochs)
         completed = stage.run(cached[is_train], labels[is_train], cached[~is_train], labels[~is_train],
                               options.finetune_epochs)
         report.stages.append(stage.result)

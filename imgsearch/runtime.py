@@ -173,6 +173,15 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def openvino_version() -> str:
+    """The installed OpenVINO's release, without its build suffix: what a
+    cached model is keyed by, and what every node of a cluster must share
+    for an int8 model."""
+    import openvino
+
+    return openvino.get_version().split("-")[0]
+
+
 def exportable(encoder) -> bool:
     """Whether the encoder offers a Keras model that can be exported."""
     return encoder.offers_model()
@@ -232,11 +241,15 @@ def install_calibrated_model(encoder, options: RuntimeOptions, files: dict[str, 
     """Put another machine's calibrated int8 model (:func:`calibrated_model`)
     where loading ``encoder`` with ``options`` looks for it, unless one is
     there already."""
+    def write(folder: Path) -> None:
+        for name, data in files.items():
+            (folder / Path(name).name).write_bytes(data)
+
     try:
         exporter = _OpenVINO(encoder, options)
         path = exporter._path("int8")
         if not path.is_file():
-            exporter._install(path.parent, files)
+            exporter._install(path.parent, write)
     except ExportError as exc:
         raise UsageError(f"cannot install the calibrated int8 model: {exc}") from None
 
@@ -269,7 +282,7 @@ class _OpenVINO:
         encoder = self.encoder
         facts = {
             "export_version": EXPORT_VERSION,
-            "openvino": self.ov.get_version().split("-")[0],
+            "openvino": openvino_version(),
             "encoder": encoder.name,
             "dim": encoder.dim,
             "preprocessing": encoder.preprocessing.to_dict(),
@@ -460,10 +473,10 @@ class _OpenVINO:
         self._install(path.parent, lambda tmp: self.ov.save_model(model, str(tmp / MODEL_FILE),
                                                                   compress_to_fp16=False))
 
-    def _install(self, folder: Path, write) -> None:
-        """Write a cache entry in a temporary folder and rename it into
-        place, so a reader sees a complete entry or none.  ``write`` writes
-        the files into the folder it is given, or is a dict of them."""
+    def _install(self, folder: Path, write: Callable[[Path], None]) -> None:
+        """Write a cache entry in a temporary folder (``write`` puts the
+        files into the folder it is given) and rename it into place, so a
+        reader sees a complete entry or none."""
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_exports(folder.parent)
@@ -471,11 +484,7 @@ class _OpenVINO:
         except OSError as exc:
             raise ExportError(f"cannot write the model cache in {folder.parent} ({exc.strerror or exc})") from None
         try:
-            if isinstance(write, dict):
-                for name, data in write.items():
-                    (tmp / Path(name).name).write_bytes(data)
-            else:
-                write(tmp)
+            write(tmp)
             try:
                 os.replace(tmp, folder)
             except OSError:
